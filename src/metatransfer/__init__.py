@@ -1,0 +1,3 @@
+"""metatransfer: Meta-Transfer Learning (Sun et al., CVPR 2019) for few-shot image classification."""
+
+__version__ = "0.1.0"
