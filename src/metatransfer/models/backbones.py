@@ -92,23 +92,25 @@ def _projection(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequ
     )
 
 
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 def _check_widths(backbone: str, widths: Sequence[int], count: int) -> tuple[int, ...]:
     """Validate a config's ``widths`` (list or tuple) and return it as a tuple of ints."""
     if (
         isinstance(widths, str)
         or not isinstance(widths, Sequence)
         or len(widths) != count
-        or not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths)
+        or not all(_is_positive_int(w) for w in widths)
     ):
         raise ConfigError(f"backbone '{backbone}': widths must be {count} positive integers, got {widths!r}")
     return tuple(widths)
 
 
-def _check_in_channels(backbone: str, in_channels: int) -> None:
-    if not isinstance(in_channels, int) or isinstance(in_channels, bool) or in_channels < 1:
-        raise ConfigError(
-            f"backbone '{backbone}': in_channels must be a positive integer, got {in_channels!r}"
-        )
+def _check_positive_int(backbone: str, key: str, value: int) -> None:
+    if not _is_positive_int(value):
+        raise ConfigError(f"backbone '{backbone}': {key} must be a positive integer, got {value!r}")
 
 
 def _check_probability(backbone: str, key: str, value: float) -> None:
@@ -163,7 +165,7 @@ def create_backbone(name: str, in_channels: int, **kwargs: object) -> Backbone:
             f"backbone '{name}' has no option {', '.join(repr(k) for k in unknown)}; "
             f"allowed: {', '.join(allowed) or '(none)'}"
         )
-    _check_in_channels(name, in_channels)
+    _check_positive_int(name, "in_channels", in_channels)
     build: Callable[..., Backbone] = cls  # subclasses take their own options, not Backbone's arguments
     return build(in_channels, **kwargs)
 
@@ -178,7 +180,7 @@ class Conv4(Backbone):
     min_size = 16
 
     def __init__(self, in_channels: int, hidden: int = 64) -> None:
-        (hidden,) = _check_widths("conv4", [hidden], 1)
+        _check_positive_int("conv4", "hidden", hidden)
         blocks = [
             nn.Sequential(
                 _conv3x3(cin, hidden), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True), nn.MaxPool2d(2)
