@@ -107,7 +107,7 @@ class MetaConfig:
 @dataclass
 class EvalConfig:
     split: str = "test"
-    way: int = 5
+    ways: list[int] = field(default_factory=lambda: [5])
     shots: list[int] = field(default_factory=lambda: [1, 5])
     query: int = 15
     episodes: int = 600

@@ -199,6 +199,15 @@ class RunDir:
         self.close()
 
 
+def is_finished(path: str | Path, cfg: Config) -> bool:
+    """Whether `path` holds a finished run of exactly `cfg` (so a pipeline can reuse it)."""
+    path = Path(path)
+    saved = path / CONFIG_FILE
+    return (
+        (path / DONE_FILE).exists() and saved.exists() and saved.read_text(encoding="utf-8") == to_yaml(cfg)
+    )
+
+
 def _acquire_lock(path: Path) -> IO[str]:
     handle = open(path / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the run's lifetime
     try:

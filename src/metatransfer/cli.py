@@ -1,0 +1,185 @@
+"""`mtl`: the command-line front end. Each command parses its arguments and calls the library.
+
+User errors (bad paths, data, configs) print one line and exit with status 2; `--debug` shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from metatransfer.config import Config, load_config
+from metatransfer.errors import UserError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _config(args: argparse.Namespace) -> Config:
+    """The config file (or defaults), then --set overrides, then --data-root mapped to the dataset folder."""
+    cfg = load_config(getattr(args, "config", None), args.set or [])
+    if getattr(args, "data_root", None):
+        from metatransfer.data.readers import resolve_root
+
+        root = resolve_root(cfg.data.dataset, args.data_root)
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(root)))
+    return cfg
+
+
+def _out(args: argparse.Namespace, cfg: Config, phase: str) -> Path:
+    return Path(args.out) if args.out else Path("runs") / cfg.name / phase
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from metatransfer.data.readers import READERS
+
+    width = max(len(n) for n in READERS)
+    for name, reader in sorted(READERS.items()):
+        print(f"{name:<{width}}  {reader.layout}")
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from metatransfer.data.check import check_dataset
+
+    report = check_dataset(
+        args.dataset,
+        args.root,
+        scheme=args.scheme,
+        rotations=args.rotations,
+        size=args.size,
+        cache_dir=args.cache_dir,
+    )
+    print(report.render())
+    return 0 if report.usable else 2
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from metatransfer.train.pretrain import pretrain
+
+    cfg = _config(args)
+    path = pretrain(cfg, _out(args, cfg, "pretrain"), overwrite=args.overwrite, resume=args.resume)
+    print(f"backbone: {path}")
+    return 0
+
+
+def cmd_meta_train(args: argparse.Namespace) -> int:
+    from metatransfer.train.meta import meta_train
+
+    cfg = _config(args)
+    path = meta_train(
+        cfg, Path(args.pretrained), _out(args, cfg, "meta"), overwrite=args.overwrite, resume=args.resume
+    )
+    print(f"model: {path}")
+    return 0
+
+
+def cmd_meta_test(args: argparse.Namespace) -> int:
+    from metatransfer.train.pipeline import TestSetting, meta_test, run_config
+
+    run_dir = Path(args.run_dir)
+    overrides = list(args.set or [])
+    if args.data_root:
+        cfg = run_config(run_dir, overrides)
+        from metatransfer.data.readers import resolve_root
+
+        cfg = dataclasses.replace(
+            cfg, data=dataclasses.replace(cfg.data, root=str(resolve_root(cfg.data.dataset, args.data_root)))
+        )
+    else:
+        cfg = run_config(run_dir, overrides)
+    shot = args.shot if args.shot is not None else cfg.meta.shot
+    setting = TestSetting(args.split, args.way, shot, args.query, args.episodes, args.seed)
+    (result,) = meta_test(run_dir, [setting], cfg)
+    print(result.line)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from metatransfer.train.pipeline import run_all
+
+    cfg = _config(args)
+    run_all(cfg, _out(args, cfg, "run"), overwrite=args.overwrite)
+    return 0
+
+
+def _common_train_args(p: argparse.ArgumentParser, *, config_required: bool = True) -> None:
+    p.add_argument("--config", required=config_required, help="YAML config file (see configs/)")
+    p.add_argument("--data-root", help="folder holding the dataset (or its parent, e.g. ../shared/data)")
+    p.add_argument("--out", help="run directory (default runs/<name>/<phase>)")
+    p.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. meta.way=20"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mtl", description="Meta-Transfer Learning for few-shot classification"
+    )
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("datasets", help="list dataset readers and the layout each expects")
+    p.set_defaults(func=cmd_datasets)
+
+    data = sub.add_parser("data", help="dataset tools")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    p = data_sub.add_parser("check", help="decode every image, report bad files, build the cache")
+    p.add_argument("dataset")
+    p.add_argument("--root", required=True, help="the dataset's folder")
+    p.add_argument("--scheme", help="omniglot: vinyals (default) or lake")
+    p.add_argument(
+        "--rotations", action="store_true", help="omniglot vinyals: add 90-degree rotation classes"
+    )
+    p.add_argument("--size", type=int, help="image side in pixels for the cache (default: the reader's)")
+    p.add_argument("--cache-dir", help="cache folder (default $MTL_CACHE_DIR or ~/.cache/metatransfer)")
+    p.set_defaults(func=cmd_data_check)
+
+    p = sub.add_parser("pretrain", help="phase 1: supervised pre-training of the backbone")
+    _common_train_args(p)
+    p.add_argument("--resume", action="store_true", default=None, help="continue the unfinished run in --out")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("meta-train", help="phase 2: meta-transfer learning of scale-and-shift parameters")
+    _common_train_args(p)
+    p.add_argument("--pretrained", required=True, help="phase-1 run directory (or its backbone.safetensors)")
+    p.add_argument("--resume", action="store_true", default=None, help="continue the unfinished run in --out")
+    p.set_defaults(func=cmd_meta_train)
+
+    p = sub.add_parser("meta-test", help="phase 3: accuracy with 95%% CI over few-shot episodes")
+    p.add_argument("run_dir")
+    p.add_argument("--split", default="test")
+    p.add_argument("--way", type=int, default=5)
+    p.add_argument("--shot", type=int, help="default: the shot the model was meta-trained for")
+    p.add_argument("--query", type=int, default=15)
+    p.add_argument("--episodes", type=int, default=600)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-root", help="where the dataset is now, if not where it was at training")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key of the run's config")
+    p.set_defaults(func=cmd_meta_test)
+
+    p = sub.add_parser("run", help="all three phases end to end, with a summary table")
+    _common_train_args(p)
+    p.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler = args.func
+    try:
+        code = handler(args)
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"mtl: error: {exc}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("mtl: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)
