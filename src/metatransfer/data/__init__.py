@@ -1,0 +1,1 @@
+"""Datasets: readers of the published layouts, the decoded-image cache, episode sampling, augmentation."""
