@@ -106,6 +106,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare_ht(args: argparse.Namespace) -> int:
+    from metatransfer.train.compare import compare_ht
+
+    cfg = _config(args)
+    compare_ht(cfg, Path(args.pretrained), _out(args, cfg, "compare-ht"), overwrite=args.overwrite)
+    return 0
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from metatransfer.train.baselines import METHODS, ablate
+
+    cfg = _config(args)
+    if args.split:
+        cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, split=args.split))
+    methods = args.methods.split(",") if args.methods else list(METHODS)
+    shots = [int(s) for s in args.shots.split(",")]
+    episodes = args.episodes or cfg.eval.episodes
+    out = _out(args, cfg, "ablation")
+    ablate(cfg, Path(args.pretrained), out, methods, shots, episodes, overwrite=args.overwrite)
+    print(f"table: {out / 'ablation.md'}")
+    return 0
+
+
 def _common_train_args(p: argparse.ArgumentParser, *, config_required: bool = True) -> None:
     p.add_argument("--config", required=config_required, help="YAML config file (see configs/)")
     p.add_argument("--data-root", help="folder holding the dataset (or its parent, e.g. ../shared/data)")
@@ -161,6 +184,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", help="where the dataset is now, if not where it was at training")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key of the run's config")
     p.set_defaults(func=cmd_meta_test)
+
+    p = sub.add_parser(
+        "compare-ht", help="meta-train with and without hard tasks; plot val accuracy vs tasks"
+    )
+    _common_train_args(p)
+    p.add_argument("--pretrained", required=True, help="phase-1 run directory (or its backbone.safetensors)")
+    p.set_defaults(func=cmd_compare_ht)
+
+    p = sub.add_parser("ablate", help="every adaptation method on one backbone and identical episodes")
+    _common_train_args(p)
+    p.add_argument("--pretrained", required=True, help="phase-1 run directory (or its backbone.safetensors)")
+    p.add_argument("--methods", help="comma-separated subset (default: all)")
+    p.add_argument("--split", help="evaluation split (default: eval.split of the config)")
+    p.add_argument("--shots", default="1,5")
+    p.add_argument("--episodes", type=int, help="evaluation episodes (default: eval.episodes)")
+    p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("run", help="all three phases end to end, with a summary table")
     _common_train_args(p)

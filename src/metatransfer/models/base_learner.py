@@ -24,6 +24,7 @@ class InnerLoop:
     lr: float
     temperature: float = 10.0  # logit scale s; with normalised features logits are s * cosine-like scores
     normalize: bool = True  # L2-normalise features first, so one lr suits every backbone
+    weight_decay: float = 0.0  # L2 penalty on the weight (logistic-regression baseline)
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.lr <= 0 or self.temperature <= 0:
@@ -49,14 +50,17 @@ def adapt(
     x: [T, n, d] prepared support features; y: [T, n] int64 labels in 0..way-1;
     weight: [T, way, d] and bias: [T, way], the starting theta (broadcast the meta-learned init with
     `expand`). Returns theta' after `loop.steps` steps of plain gradient descent on the mean
-    cross-entropy. Differentiable in x, weight and bias when they require grad.
+    cross-entropy (plus `weight_decay / 2 * |W|^2`). Differentiable in x, weight and bias when they require grad.
     """
     way = weight.shape[1]
     onehot = F.one_hot(y, way).to(x.dtype)  # [T, n, way]
     scale = loop.temperature / y.shape[1]
     for _ in range(loop.steps):
         residual = torch.softmax(logits(x, weight, bias, loop), dim=-1) - onehot  # [T, n, way]
-        weight = weight - loop.lr * scale * torch.bmm(residual.transpose(1, 2), x)
+        grad_w = scale * torch.bmm(residual.transpose(1, 2), x)
+        if loop.weight_decay:
+            grad_w = grad_w + loop.weight_decay * weight
+        weight = weight - loop.lr * grad_w
         bias = bias - loop.lr * residual.sum(dim=1) / y.shape[1]
     return weight, bias
 

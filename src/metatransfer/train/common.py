@@ -91,7 +91,7 @@ def seed_everything(seed: int) -> None:
 
 
 def check_finite(loss: torch.Tensor, where: str) -> None:
-    if not math.isfinite(float(loss)):
+    if not math.isfinite(float(loss.detach())):
         raise TrainingError(
             f"loss became {float(loss)} at {where}; the last good checkpoint is kept. Lower the learning rate or use precision=fp32"
         )

@@ -239,7 +239,7 @@ class MetaTrainer:
         with torch.no_grad():
             acc = per_class_accuracy(scores, yq, self.m.way).cpu().numpy()
             cls_loss = per_class_loss(scores, yq, self.m.way).cpu().numpy()
-        return float(loss), acc, cls_loss
+        return float(loss.detach()), acc, cls_loss
 
     def set_lr(self, tasks_done: int) -> None:
         factor = self.m.lr_decay ** (tasks_done // max(self.m.lr_decay_every, 1))

@@ -50,6 +50,7 @@ class TestResult:
     accuracy: float
     ci95: float
     seconds: float
+    accuracies: np.ndarray  # [episodes] per-episode query accuracy, in episode order
 
     @property
     def line(self) -> str:
@@ -108,7 +109,7 @@ def meta_test(
         )
         accs = _merge_ranks(ids, mine, s.episodes)
         mean, ci = confidence_interval(accs)
-        result = TestResult(s, mean, ci, time.perf_counter() - t0)
+        result = TestResult(s, mean, ci, time.perf_counter() - t0, accs)
         results.append(result)
         if ctx.is_main:
             _save_result(run_dir, result, accs)

@@ -118,7 +118,7 @@ def pretrain(cfg: Config, out: Path, *, overwrite: bool = False, resume: bool | 
         flip=p.augment.flip,
         color_jitter=p.augment.color_jitter,
     ).to(runtime.device)
-    validate = FewShotValidator(val, pre, p.val_shots, p.val_episodes, cfg.eval.seed)
+    validate = FewShotValidator(val, pre, p.val_shots, p.val_episodes, cfg.eval.seed, cfg.eval.query)
     run = RunDir.open(out, cfg, overwrite=overwrite, resume=resume, lock=ctx.is_main) if ctx.is_main else None
     start_epoch, best = 0, -1.0
     resuming = dist.broadcast_flag(run.resuming if run else False)
@@ -172,7 +172,7 @@ def pretrain(cfg: Config, out: Path, *, overwrite: bool = False, resume: bool | 
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loss_sum += float(loss) * len(y)
+            loss_sum += float(loss.detach()) * len(y)
             correct += float((scores.argmax(1) == y).sum())
             seen += len(y)
             speed.add(len(y) * ctx.world_size)

@@ -1,0 +1,234 @@
+"""`mtl ablate`: every way of adapting one pre-trained backbone, on identical evaluation episodes.
+
+Non-meta rows adapt per episode from the phase-1 features (nearest class mean, L2-normalised logistic
+regression, a fresh linear classifier, or fine-tuning the whole network); meta rows meta-train with
+the same seed and task budget (`ft-theta`, `ft-last`, `ss-last`, `mtl`, `mtl-ht`) and are
+meta-tested like `mtl meta-test`. A method that fails gets its row with the reason.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from metatransfer.config import Config
+from metatransfer.data.augment import to_float
+from metatransfer.data.sampler import EpisodeSampler
+from metatransfer.data.store import ImageStore, open_split
+from metatransfer.device import Runtime, resolve_runtime
+from metatransfer.errors import UserError
+from metatransfer.models.base_learner import InnerLoop
+from metatransfer.runs import atomic_write_text, is_finished, read_json
+from metatransfer.train.common import BACKBONE_FILE, Preprocess, load_backbone
+from metatransfer.train.evaluate import confidence_interval, evaluate_features, extract_features
+from metatransfer.train.meta import MODEL_FILE, MetaLearner, load_meta_model, meta_train
+from metatransfer.train.pipeline import TestSetting, meta_test
+
+META_METHODS = ("ft-theta", "ft-last", "ss-last", "mtl", "mtl-ht")
+FEATURE_METHODS = ("ncm", "logreg", "update-theta")
+METHODS = ("update-theta", "update-all", *META_METHODS, "ncm", "logreg")
+# The grid `update-theta` picks its inner loop from, on episodes disjoint from the reported ones.
+THETA_GRID = [(steps, lr) for steps in (20, 50, 100) for lr in (0.1, 0.5, 1.0)]
+
+
+@dataclass
+class Row:
+    method: str
+    shot: int
+    trainable: int = 0
+    tasks: int = 0
+    seconds: float = 0.0
+    accuracy: float = float("nan")
+    ci95: float = float("nan")
+    episodes: int = 0
+    error: str = ""
+
+
+def _loop(cfg: Config, steps: int, lr: float, weight_decay: float = 0.0) -> InnerLoop:
+    m = cfg.meta
+    return InnerLoop(steps, lr, m.temperature, m.normalize_features, weight_decay)
+
+
+def logreg_loop(cfg: Config) -> InnerLoop:
+    """L2-regularised logistic regression on normalised features (Tian et al. 2020), run to near convergence."""
+    return _loop(cfg, steps=200, lr=0.5, weight_decay=1e-3)
+
+
+def choose_theta_loop(cfg: Config, feats: torch.Tensor, store: ImageStore, shot: int) -> InnerLoop:
+    """Pick (steps, lr) for a fresh linear classifier on 200 episodes of another seed than the report's."""
+    sampler = EpisodeSampler(store, cfg.eval.ways[0], shot, cfg.eval.query, cfg.eval.seed + 1)
+    scored = []
+    for steps, lr in THETA_GRID:
+        loop = _loop(cfg, steps, lr)
+        scored.append((float(evaluate_features(feats, sampler, 200, "linear", loop=loop).mean()), steps, lr))
+    _, steps, lr = max(scored)
+    return _loop(cfg, steps, lr)
+
+
+def finetune_all(
+    backbone: nn.Module,
+    store: ImageStore,
+    pre: Preprocess,
+    runtime: Runtime,
+    sampler: EpisodeSampler,
+    episodes: int,
+    steps: int = 20,
+    lr: float = 0.01,
+) -> np.ndarray:
+    """`update-all`: per episode, fine-tune a copy of the whole network plus a new linear head on the
+    support set (SGD, BN statistics fixed), then score the queries. [episodes] accuracies."""
+    accs = []
+    for i in tqdm(range(episodes), desc="update-all", leave=False, unit="ep"):
+        e = sampler.episode(i)
+        net = copy.deepcopy(backbone).train()
+        net.apply(lambda m: m.eval() if isinstance(m, nn.modules.batchnorm._BatchNorm) else None)
+        head = nn.Linear(int(backbone.out_dim), sampler.way).to(runtime.device)  # type: ignore[arg-type]
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+        opt = torch.optim.SGD([*net.parameters(), *head.parameters()], lr=lr, momentum=0.9)
+        xs = runtime.images(to_float(torch.from_numpy(store.images[e.support]), pre.mean, pre.std))
+        xq = runtime.images(to_float(torch.from_numpy(store.images[e.query]), pre.mean, pre.std))
+        ys = torch.arange(sampler.way, device=runtime.device).repeat_interleave(sampler.shot)
+        yq = torch.arange(sampler.way, device=runtime.device).repeat_interleave(sampler.query)
+        for _ in range(steps):
+            with runtime.autocast():
+                loss = F.cross_entropy(head(F.normalize(net(xs).float(), dim=-1) * 10.0), ys)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        with torch.no_grad(), runtime.autocast():
+            pred = head(F.normalize(net.eval()(xq).float(), dim=-1) * 10.0).argmax(-1)
+        accs.append(float((pred == yq).float().mean()))
+    return np.asarray(accs)
+
+
+def method_config(cfg: Config, method: str, shot: int) -> Config:
+    m = cfg.meta
+    ht = dataclasses.replace(m.ht, enabled=method == "mtl-ht")
+    name = "mtl" if method == "mtl-ht" else method
+    return dataclasses.replace(cfg, meta=dataclasses.replace(m, method=name, shot=shot, ht=ht))
+
+
+def ablate(
+    cfg: Config,
+    pretrained: Path,
+    out: Path,
+    methods: list[str],
+    shots: list[int],
+    episodes: int,
+    *,
+    update_all_episodes: int = 100,
+    overwrite: bool = False,
+) -> list[Row]:
+    """Run the ablation; writes out/ablation.md and out/ablation.csv and returns the rows."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise UserError(f"unknown ablation method '{unknown[0]}'; choose from {', '.join(METHODS)}")
+    runtime = resolve_runtime(cfg)
+    source = pretrained / BACKBONE_FILE if pretrained.is_dir() else pretrained
+    backbone, pre, _ = load_backbone(source)
+    runtime.model(backbone)
+    split = cfg.eval.split
+    way = cfg.eval.ways[0]
+    store = open_split(dataclasses.replace(cfg.data, size=pre.size), split)
+    feats = extract_features(backbone, store, runtime, pre.mean, pre.std, progress=True)
+    rows: list[Row] = []
+    for method in methods:
+        for shot in shots:
+            row = Row(method, shot)
+            t0 = time.perf_counter()
+            sampler = EpisodeSampler(store, way, shot, cfg.eval.query, cfg.eval.seed)
+            try:
+                if method in FEATURE_METHODS:
+                    loop = None
+                    if method == "logreg":
+                        loop = logreg_loop(cfg)
+                    elif method == "update-theta":
+                        loop = choose_theta_loop(cfg, feats, store, shot)
+                    kind = "ncm" if method == "ncm" else "linear"
+                    accs = evaluate_features(feats, sampler, episodes, kind, loop=loop)
+                    row.trainable = 0 if method == "ncm" else way * (feats.shape[1] + 1)
+                elif method == "update-all":
+                    accs = finetune_all(
+                        backbone, store, pre, runtime, sampler, min(episodes, update_all_episodes)
+                    )
+                    row.trainable = sum(p.numel() for p in backbone.parameters()) + way * (feats.shape[1] + 1)
+                else:
+                    mcfg = method_config(cfg, method, shot)
+                    run_dir = out / f"{method}-{shot}shot"
+                    if overwrite or not is_finished(run_dir, mcfg):
+                        meta_train(mcfg, source, run_dir, overwrite=overwrite)
+                    setting = TestSetting(split, way, shot, cfg.eval.query, episodes, cfg.eval.seed)
+                    (result,) = meta_test(run_dir, [setting], mcfg, progress=False)
+                    learner, _, _ = load_meta_model(run_dir / MODEL_FILE)
+                    row.trainable = _trainable(learner)
+                    summary = read_json(run_dir / "summary.json")
+                    row.tasks = int(summary["tasks"]) + int(summary["hard_tasks"])
+                    row.seconds = float(summary["seconds"])
+                    accs = result.accuracies
+                row.accuracy, row.ci95 = confidence_interval(accs)
+                row.episodes = len(accs)
+            except (UserError, RuntimeError, ValueError) as exc:
+                row.error = str(exc).splitlines()[0][:200]
+            if method not in META_METHODS:
+                row.seconds = time.perf_counter() - t0
+            rows.append(row)
+            print(_describe(row))
+            write_tables(out, rows, shots)
+    return rows
+
+
+def _trainable(learner: MetaLearner) -> int:
+    return sum(p.numel() for p in learner.parameters() if p.requires_grad)
+
+
+def _describe(row: Row) -> str:
+    if row.error:
+        return f"{row.method} {row.shot}-shot: failed: {row.error}"
+    return f"{row.method} {row.shot}-shot: {100 * row.accuracy:.2f} ± {100 * row.ci95:.2f}% ({row.episodes} episodes)"
+
+
+def write_tables(out: Path, rows: list[Row], shots: list[int]) -> None:
+    """ablation.csv (one row per method and shot) and ablation.md (one row per method) from the same rows."""
+    fields = [f.name for f in dataclasses.fields(Row)]
+    csv_lines = [",".join(fields)] + [
+        ",".join(str(getattr(r, f)).replace(",", ";") for f in fields) for r in rows
+    ]
+    atomic_write_text(out / "ablation.csv", "\n".join(csv_lines) + "\n")
+    head = (
+        "| method | trainable parameters | meta-training tasks | training time (s) | "
+        + " | ".join(f"{s}-shot accuracy (%)" for s in shots)
+        + " |"
+    )
+    lines = [head, "|" + "---|" * (4 + len(shots))]
+    for method in dict.fromkeys(r.method for r in rows):
+        mine = {r.shot: r for r in rows if r.method == method}
+        first = next(iter(mine.values()))
+        cells = []
+        for s in shots:
+            r = mine.get(s)
+            if r is None:
+                cells.append("")
+            elif r.error:
+                cells.append(f"failed: {r.error}")
+            else:
+                cells.append(
+                    f"{100 * r.accuracy:.2f} ± {100 * r.ci95:.2f}"
+                    + (f" ({r.episodes} ep.)" if r.episodes != rows[0].episodes else "")
+                )
+        seconds = sum(r.seconds for r in mine.values())
+        lines.append(
+            f"| {method} | {first.trainable:,} | {sum(r.tasks for r in mine.values())} | {seconds:.0f} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    atomic_write_text(out / "ablation.md", "\n".join(lines) + "\n")
