@@ -58,7 +58,6 @@ from metatransfer.train.evaluate import confidence_interval, evaluate_features, 
 from metatransfer.train.hard_tasks import failure_classes, hard_task_classes
 
 MODEL_FILE = "model.safetensors"
-LAST_FILE = "last.safetensors"
 STATE_FILE = "state.pt"
 HARD_SALT = 1  # hard tasks draw from their own episode stream, so HT leaves ordinary tasks unchanged
 
@@ -296,9 +295,8 @@ def meta_train(
     best = -1.0
     resuming = dist.broadcast_flag(run.resuming if run else False)
     if resuming:
-        tensors, _ = load_weights(out / LAST_FILE)
-        learner.load_state_dict(tensors)
         state = load_state(out / STATE_FILE)
+        learner.load_state_dict(state["model"])
         trainer.opt.load_state_dict(state["optimizer"])
         tasks_done, hard_done, best = int(state["tasks"]), int(state["hard"]), float(state["best"])
         trainer.failures = Counter({int(k): int(v) for k, v in state["failures"].items()})
@@ -313,6 +311,9 @@ def meta_train(
         assert log is not None
         log.append({"step": 0, "tasks": 0, "hard_tasks": 0, "val_acc": val_acc, "val_ci": val_ci})
         tqdm.write(f"before meta-training: val {100 * val_acc:.2f} ± {100 * val_ci:.2f}%")
+        # The starting point competes too: the kept model is never worse on val than no meta-training.
+        best = val_acc
+        save_meta_model(out / MODEL_FILE, learner, cfg, pre, tasks="0")
     speed = Throughput()
     bar = tqdm(total=m.tasks, initial=tasks_done, desc="meta-train", unit="task", disable=not ctx.is_main)
     losses: list[float] = []
@@ -343,10 +344,10 @@ def meta_train(
                 if val_acc > best:
                     best = val_acc
                     save_meta_model(out / MODEL_FILE, learner, cfg, pre, tasks=str(tasks_done))
-                save_weights(out / LAST_FILE, learner.state_dict())
                 save_state(
                     out / STATE_FILE,
                     {
+                        "model": learner.state_dict(),
                         "optimizer": trainer.opt.state_dict(),
                         "tasks": tasks_done,
                         "hard": hard_done,
@@ -384,7 +385,6 @@ def meta_train(
         summary = {"best_val": best, "tasks": tasks_done, "hard_tasks": hard_done, "seconds": speed.elapsed}
         write_json(out / "summary.json", summary)
         run.finish(summary)
-        (out / LAST_FILE).unlink(missing_ok=True)
         run.close()
     return out / MODEL_FILE
 

@@ -29,9 +29,7 @@ from metatransfer.runs import (
     MetricsLog,
     RunDir,
     load_state,
-    load_weights,
     save_state,
-    save_weights,
     write_json,
 )
 from metatransfer.train.common import (
@@ -47,7 +45,6 @@ from metatransfer.train.common import (
 )
 from metatransfer.train.evaluate import confidence_interval, evaluate_features, extract_features
 
-LAST_FILE = "last.safetensors"
 STATE_FILE = "state.pt"
 
 
@@ -123,9 +120,8 @@ def pretrain(cfg: Config, out: Path, *, overwrite: bool = False, resume: bool | 
     start_epoch, best = 0, -1.0
     resuming = dist.broadcast_flag(run.resuming if run else False)
     if resuming:
-        tensors, _ = load_weights(out / LAST_FILE)
-        model.load_state_dict(tensors)
         state = load_state(out / STATE_FILE)
+        model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start_epoch, best = int(state["epoch"]) + 1, float(state["best"])
     trainer = dist.wrap_data_parallel(model, runtime.device)
@@ -199,8 +195,9 @@ def pretrain(cfg: Config, out: Path, *, overwrite: bool = False, resume: bool | 
             if score > best:
                 best = score
                 save_backbone(out / BACKBONE_FILE, model.backbone, cfg, pre, epoch=str(epoch + 1))
-            save_weights(out / LAST_FILE, model.state_dict())
-            save_state(out / STATE_FILE, {"optimizer": opt.state_dict(), "epoch": epoch, "best": best})
+            # One file holds everything a resume needs, so a crash cannot leave two out of step.
+            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "best": best}
+            save_state(out / STATE_FILE, state)
             assert log is not None
             log.append(row)
             shots = "  ".join(f"{s}-shot {100 * row[f'val_{s}shot']:.2f}%" for s in p.val_shots)
@@ -213,6 +210,5 @@ def pretrain(cfg: Config, out: Path, *, overwrite: bool = False, resume: bool | 
         summary = {"best_val": best, "epochs": p.epochs, "backbone": str(out / BACKBONE_FILE)}
         write_json(out / "summary.json", summary)
         run.finish(summary)
-        (out / LAST_FILE).unlink(missing_ok=True)
         run.close()
     return out / BACKBONE_FILE
