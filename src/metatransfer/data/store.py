@@ -30,6 +30,7 @@ from tqdm import tqdm
 from metatransfer.errors import ConfigError, DataError
 
 from .readers import ImageSource, SplitSpec, create_reader
+from .readers.base import describe_error
 
 if TYPE_CHECKING:
     from metatransfer.config import DataConfig
@@ -170,7 +171,7 @@ def _reason(e: Exception) -> str:
         return "not an image file"
     if isinstance(e, FileNotFoundError):
         return "file not found"
-    return str(e) or type(e).__name__
+    return describe_error(e)
 
 
 def _build(
@@ -268,7 +269,7 @@ def load_or_build(
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DataError(
-            f"cannot create the cache folder {cache}: {e.strerror or e}; set data.cache_dir"
+            f"cannot create the cache folder {cache}: {e.strerror or describe_error(e)}; set data.cache_dir"
         ) from e
     stem = _cache_stem(
         dataset, split, size, reader.cache_options(), reader.root if reader.needs_root else None

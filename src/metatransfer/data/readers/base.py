@@ -10,6 +10,7 @@ import json
 import os
 import threading
 import zipfile
+import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,12 @@ from metatransfer.errors import ConfigError, DataError
 SPLIT_NAMES = ("train", "val", "test")
 # Extensions of the generic image-folder layout (compared lower-case, so ".JPG" counts too).
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
+
+
+def describe_error(e: BaseException, limit: int = 160) -> str:
+    """An exception's message on one line (messages are quoted inside one-line DataErrors), shortened."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def stat_token(path: str | os.PathLike[str]) -> str:
@@ -73,6 +80,19 @@ class FileSource(ImageSource):
         return stat_token(self.path)
 
 
+# What zipfile raises for damaged archives: bad magic, bad CRC or zlib stream, unsupported versions or
+# compression methods, encryption, truncated headers, undecodable names.
+ZIP_ERRORS = (
+    zipfile.BadZipFile,
+    zlib.error,
+    OSError,
+    EOFError,
+    ValueError,
+    KeyError,
+    NotImplementedError,
+    RuntimeError,
+)
+
 _ZIP_LOCK = threading.Lock()
 _OPEN_ZIPS: dict[str, zipfile.ZipFile] = {}
 
@@ -102,9 +122,8 @@ class ZipMemberSource(ImageSource):
     def load(self) -> bytes:
         try:
             return open_zip(self.zip_path).read(self.member)
-        except (zipfile.BadZipFile, KeyError, EOFError, ValueError) as e:
-            # Corrupt members surface as several exception types; the store treats OSError as "bad image".
-            raise OSError(f"cannot read {self.key}: {e}") from e
+        except ZIP_ERRORS as e:
+            raise OSError(f"cannot read {self.key}: {describe_error(e)}") from e
 
     def stat_fingerprint(self) -> str:
         return self.token
@@ -230,7 +249,7 @@ def list_dir(path: Path, *, what: str) -> list[os.DirEntry[str]]:
         with os.scandir(path) as it:
             entries = [e for e in it if not e.name.startswith(".")]
     except OSError as e:
-        raise DataError(f"cannot list {what} folder {path}: {e.strerror or e}") from e
+        raise DataError(f"cannot list {what} folder {path}: {e.strerror or describe_error(e)}") from e
     return sorted(entries, key=lambda e: e.name)
 
 

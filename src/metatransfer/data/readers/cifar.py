@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 import importlib
+import io
 import pickle
 from abc import abstractmethod
 from collections.abc import Callable
@@ -19,7 +20,16 @@ import numpy as np
 
 from metatransfer.errors import DataError
 
-from .base import ArraySource, ImageSource, Reader, SplitSpec, load_split_list, register_reader, stat_token
+from .base import (
+    ArraySource,
+    ImageSource,
+    Reader,
+    SplitSpec,
+    describe_error,
+    load_split_list,
+    register_reader,
+    stat_token,
+)
 
 CIFAR_FILES = ("train", "test")
 CIFAR_SIDE = 32
@@ -64,13 +74,13 @@ class RestrictedUnpickler(pickle.Unpickler):
 def safe_unpickle(path: Path) -> Any:
     """Load a dataset pickle with ``RestrictedUnpickler``; any failure is a DataError naming ``path``."""
     try:
-        with open(path, "rb") as f:
-            return RestrictedUnpickler(f, path).load()
+        # Unpickle from memory: a corrupt length field then cannot make file.read() allocate gigabytes.
+        return RestrictedUnpickler(io.BytesIO(path.read_bytes()), path).load()
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - corrupt pickles raise many types; all mean "bad file"
         raise DataError(
-            f"cannot read {path}: not a valid pickle ({type(e).__name__}: {e}); download it again"
+            f"cannot read {path}: not a valid pickle ({type(e).__name__}: {describe_error(e)}); download it again"
         ) from e
 
 
@@ -98,7 +108,7 @@ def _labels(value: Any, n: int, high: int, key: str, path: Path) -> np.ndarray:
     try:
         arr = np.asarray(value)
     except (ValueError, TypeError) as e:
-        raise DataError(f"{path}: '{key}' is not a list of integers ({e})") from e
+        raise DataError(f"{path}: '{key}' is not a list of integers ({describe_error(e)})") from e
     if arr.shape != (n,) or arr.dtype.kind not in "iu" or (n and (arr.min() < 0 or arr.max() >= high)):
         raise DataError(f"{path}: '{key}' must hold {n} integers in 0..{high - 1}")
     return arr.astype(np.int64)

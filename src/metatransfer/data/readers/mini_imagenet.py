@@ -14,6 +14,7 @@ from .base import (
     Reader,
     SplitSpec,
     class_folders_split,
+    describe_error,
     register_reader,
 )
 
@@ -26,7 +27,9 @@ def read_split_csv(csv_path: Path) -> dict[str, list[str]]:
         with open(csv_path, encoding="utf-8", newline="") as f:
             rows = list(csv.reader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DataError(f"cannot read {csv_path}: {e}; expected UTF-8 rows 'filename,label'") from e
+        raise DataError(
+            f"cannot read {csv_path}: {describe_error(e)}; expected UTF-8 rows 'filename,label'"
+        ) from e
     if rows and [c.strip() for c in rows[0]] == CSV_HEADER:
         rows = rows[1:]
     by_label: dict[str, list[str]] = {}

@@ -16,10 +16,12 @@ from typing import Any
 from metatransfer.errors import ConfigError, DataError
 
 from .base import (
+    ZIP_ERRORS,
     ImageSource,
     Reader,
     SplitSpec,
     ZipMemberSource,
+    describe_error,
     image_files,
     list_dir,
     load_split_list,
@@ -39,8 +41,10 @@ def _zip_group(zip_path: Path, group: str) -> dict[str, list[ImageSource]]:
     try:
         with zipfile.ZipFile(zip_path) as zf:
             infos = zf.infolist()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-        raise DataError(f"{zip_path} is not a readable zip archive ({e}); download it again") from e
+    except ZIP_ERRORS as e:
+        raise DataError(
+            f"{zip_path} is not a readable zip archive ({describe_error(e)}); download it again"
+        ) from e
     classes: dict[str, list[ImageSource]] = {}
     prefix = f"images_{group}/"
     for info in infos:
