@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from metatransfer.cli import main
+
 from tiny import write_config, write_pattern_folder
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+
 from tiny import write_config, write_pattern_folder
 
 

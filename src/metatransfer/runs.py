@@ -75,10 +75,9 @@ def save_weights(
 def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Load a safetensors file; refuse anything else (such as a pickle) with a clear message."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError as exc:
-        raise UserError(f"weights file not found: {path}") from exc
+    if not path.is_file():
+        raise UserError(f"weights file not found: {path}" + (" (it is a folder)" if path.is_dir() else ""))
+    data = path.read_bytes()
     try:
         tensors = st_load(data)
     except (SafetensorError, ValueError, RuntimeError) as exc:

@@ -89,8 +89,7 @@ def finetune_all(
     accs = []
     for i in tqdm(range(episodes), desc="update-all", leave=False, unit="ep"):
         e = sampler.episode(i)
-        net = copy.deepcopy(backbone).train()
-        net.apply(lambda m: m.eval() if isinstance(m, nn.modules.batchnorm._BatchNorm) else None)
+        net = copy.deepcopy(backbone).eval()  # BN keeps its pre-trained statistics on 5-25 images
         head = nn.Linear(int(backbone.out_dim), sampler.way).to(runtime.device)  # type: ignore[arg-type]
         nn.init.zeros_(head.weight)
         nn.init.zeros_(head.bias)

@@ -344,17 +344,6 @@ def meta_train(
                 if val_acc > best:
                     best = val_acc
                     save_meta_model(out / MODEL_FILE, learner, cfg, pre, tasks=str(tasks_done))
-                save_state(
-                    out / STATE_FILE,
-                    {
-                        "model": learner.state_dict(),
-                        "optimizer": trainer.opt.state_dict(),
-                        "tasks": tasks_done,
-                        "hard": hard_done,
-                        "best": best,
-                        "failures": {str(k): v for k, v in trainer.failures.items()},
-                    },
-                )
                 assert log is not None
                 log.append(
                     {
@@ -368,6 +357,17 @@ def meta_train(
                         "tasks_per_s": speed.rate,
                         "val_s": time.perf_counter() - t0,
                     }
+                )
+                save_state(
+                    out / STATE_FILE,
+                    {
+                        "model": learner.state_dict(),
+                        "optimizer": trainer.opt.state_dict(),
+                        "tasks": tasks_done,
+                        "hard": hard_done,
+                        "best": best,
+                        "failures": {str(k): v for k, v in trainer.failures.items()},
+                    },
                 )
                 top = ", ".join(f"{train.classes[c]}x{n}" for c, n in trainer.failures.most_common(10))
                 tqdm.write(

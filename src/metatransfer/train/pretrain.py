@@ -111,7 +111,7 @@ def pretrain(cfg: Config, out: Path, *, overwrite: bool = False, resume: bool | 
     augment = BatchAugment(
         size=pre.size,
         channels=pre.channels,
-        crop_scale=tuple(p.augment.crop_scale),
+        crop_scale=(p.augment.crop_scale[0], p.augment.crop_scale[1]),
         flip=p.augment.flip,
         color_jitter=p.augment.color_jitter,
     ).to(runtime.device)
@@ -195,11 +195,12 @@ def pretrain(cfg: Config, out: Path, *, overwrite: bool = False, resume: bool | 
             if score > best:
                 best = score
                 save_backbone(out / BACKBONE_FILE, model.backbone, cfg, pre, epoch=str(epoch + 1))
+            # The row goes first: a crash before the state is saved re-runs the epoch and rewrites the row.
+            assert log is not None
+            log.append(row)
             # One file holds everything a resume needs, so a crash cannot leave two out of step.
             state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "best": best}
             save_state(out / STATE_FILE, state)
-            assert log is not None
-            log.append(row)
             shots = "  ".join(f"{s}-shot {100 * row[f'val_{s}shot']:.2f}%" for s in p.val_shots)
             tqdm.write(
                 f"epoch {epoch + 1}: loss {row['train_loss']:.3f}, train acc {100 * row['train_acc']:.1f}%, "

@@ -194,7 +194,7 @@ class Reader(ABC):
                 raise DataError(f"dataset '{self.name}' needs a root folder ({self.layout}); set data.root")
             self.root = Path(".")
         else:
-            self.root = Path(root).expanduser()
+            self.root = Path(root).expanduser().resolve()  # canonical keys: one cache entry from any cwd
             if self.needs_root and not self.root.is_dir():
                 raise DataError(
                     f"dataset root {self.root} does not exist or is not a folder; check data.root"

@@ -1,0 +1,275 @@
+"""Using a meta-trained model on your own images: the Python API, `mtl predict`, `mtl export`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from metatransfer import cli
+from metatransfer.config import Config, MetaConfig, to_yaml
+from metatransfer.errors import UserError
+from metatransfer.models.backbones import create_backbone
+from metatransfer.models.scale_shift import SSConv2d
+from metatransfer.predict import EXPORT_FORMAT, add_commands, export_model, load
+from metatransfer.runs import CONFIG_FILE, load_weights
+from metatransfer.train.common import Preprocess
+from metatransfer.train.meta import MODEL_FILE, MetaLearner, prepare_backbone, save_meta_model
+
+CLASSES = ["ant", "bee", "cat", "dog", "eel"]
+
+
+def make_run(path: Path, channels: int, seed: int = 0) -> Path:
+    """A meta-train run directory holding a tiny conv4 MTL model with random SS parameters and theta."""
+    torch.manual_seed(seed)
+    backbone = create_backbone("conv4", channels, hidden=8)
+    meta = MetaConfig(way=5, inner_steps_test=50)
+    prepare_backbone(backbone, meta)
+    learner = MetaLearner(backbone, meta.way)
+    with torch.no_grad():
+        for m in learner.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                assert m.running_mean is not None and m.running_var is not None
+                m.running_mean.normal_(0.0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+            if isinstance(m, SSConv2d):
+                m.scale.uniform_(0.5, 1.5)
+                m.shift.normal_(0.0, 0.1)
+        learner.theta_weight.normal_(0.0, 0.1)
+        learner.theta_bias.normal_(0.0, 0.1)
+    cfg = Config()
+    cfg.model.backbone, cfg.model.backbone_args, cfg.meta = "conv4", {"hidden": 8}, meta
+    cfg.precision = "fp32"  # what meta-test (and so predict, by default) runs this model with
+    pre = Preprocess(28, channels, (0.5,) * channels, (0.25,) * channels)
+    path.mkdir(parents=True)
+    (path / CONFIG_FILE).write_text(to_yaml(cfg))
+    save_meta_model(path / MODEL_FILE, learner, cfg, pre, tasks="100")
+    return path
+
+
+def write_images(folder: Path, n: int, rng: np.random.Generator, level: int = 128) -> list[Path]:
+    """n noisy grayscale PNGs around brightness `level`, 40x36 (so the model's 28 px resize is exercised)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        pixels = np.clip(level + rng.integers(-30, 31, (36, 40)), 0, 255).astype(np.uint8)
+        path = folder / f"{i:02d}.png"
+        Image.fromarray(pixels).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_run(tmp_path_factory.mktemp("m") / "run", channels=1)
+
+
+@pytest.fixture(scope="module")
+def episode(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """support/<class>/ with 2 images each, and query/<class>/ with 3 each."""
+    root = tmp_path_factory.mktemp("episode")
+    rng = np.random.default_rng(0)
+    for k, c in enumerate(CLASSES):
+        write_images(root / "support" / c, 2, rng, level=30 + 45 * k)
+        write_images(root / "query" / c, 3, rng, level=30 + 45 * k)
+    return root / "support", root / "query"
+
+
+def support_set(folder: Path) -> tuple[list[Path], list[str]]:
+    paths = sorted(folder.glob("*/*.png"))
+    return paths, [p.parent.name for p in paths]
+
+
+def mtl(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
+    """Run `mtl` through cli.main, with predict/export registered if the CLI does not have them yet."""
+    build = cli.build_parser
+
+    def parser() -> argparse.ArgumentParser:
+        p = build()
+        sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+        if "predict" not in sub.choices:
+            add_commands(sub)
+        return p
+
+    monkeypatch.setattr(cli, "build_parser", parser)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    return int(exit_info.value.code or 0)
+
+
+def test_fit_predict_on_files(run: Path, episode: tuple[Path, Path]) -> None:
+    support, query = episode
+    learner = load(run).fit(*support_set(support))
+    assert learner.classes == CLASSES
+    paths, labels = support_set(query)
+    proba = learner.predict_proba(paths)
+    assert proba.shape == (len(paths), 5) and proba.dtype == np.float32
+    np.testing.assert_allclose(proba.sum(1), 1.0, rtol=1e-5)
+    predicted = learner.predict(paths)
+    assert predicted == [CLASSES[i] for i in proba.argmax(1)]
+    # Classes differ in brightness, which even a random backbone's features separate.
+    assert np.mean([p == y for p, y in zip(predicted, labels, strict=True)]) > 0.6
+
+
+def test_input_kinds_agree(run: Path, episode: tuple[Path, Path]) -> None:
+    support, query = episode
+    learner = load(run).fit(*support_set(support))
+    paths, _ = support_set(query)
+    expected = learner.predict_proba(paths)
+    pil = [Image.open(p) for p in paths]
+    gray = [np.asarray(im) for im in pil]  # [H, W] uint8
+    rgb = [np.asarray(im.convert("RGB")) for im in pil]  # [H, W, 3]: converted to the model's 1 channel
+    chw = [torch.from_numpy(a.copy()).permute(2, 0, 1) for a in rgb]  # [3, H, W] uint8 tensor
+    floats = [torch.tensor(a)[None].float() / 255 for a in gray]  # [1, H, W] float in [0, 1]
+    batch = np.stack(gray)[..., None]  # [B, H, W, 1]
+    for images in (pil, gray, rgb, chw, floats, batch):
+        np.testing.assert_allclose(learner.predict_proba(images), expected, atol=1e-6)
+
+
+def test_rgb_model_accepts_gray_and_rgba(tmp_path: Path) -> None:
+    learner = load(make_run(tmp_path / "rgb", channels=3))
+    rng = np.random.default_rng(1)
+    support = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(3)]
+    learner.fit(support, ["a", "b", "c"])
+    rgba = np.concatenate([support[1], np.full((32, 32, 1), 255, np.uint8)], axis=-1)
+    proba = learner.predict_proba([support[1], rgba, support[1][:, :, 0]])
+    np.testing.assert_allclose(proba[1], proba[0], atol=1e-6)  # opaque alpha is dropped
+    assert proba[2].shape == (3,)  # grayscale is broadcast to 3 channels
+
+
+def test_predictions_invariant_to_support_order(run: Path, episode: tuple[Path, Path]) -> None:
+    support, query = episode
+    paths, labels = support_set(support)
+    queries, _ = support_set(query)
+    expected = load(run).fit(paths, labels).predict_proba(queries)
+    pairs = list(zip(paths, labels, strict=True))
+    random.Random(3).shuffle(pairs)
+    shuffled = load(run).fit([p for p, _ in pairs], [y for _, y in pairs]).predict_proba(queries)
+    assert np.array_equal(shuffled, expected)
+
+
+def test_export_matches_run(run: Path, episode: tuple[Path, Path], tmp_path: Path) -> None:
+    support, query = episode
+    out = export_model(run, tmp_path / "model.mtl")
+    tensors, info = load_weights(out)
+    assert info["format"] == EXPORT_FORMAT and info["tasks"] == "100" and info["precision"] == "fp32"
+    assert not any(k.endswith((".scale", ".shift")) for k in tensors)  # SS folded away
+    exported = load(out)
+    assert exported.runtime.precision == "fp32"  # the run's, recorded at export
+    assert load(out, precision="bf16").runtime.precision == "bf16"
+    assert not any(isinstance(m, SSConv2d) for m in exported.model.modules())
+    queries, _ = support_set(query)
+    p_run = load(run).fit(*support_set(support)).predict_proba(queries)
+    p_out = exported.fit(*support_set(support)).predict_proba(queries)
+    np.testing.assert_allclose(p_out, p_run, atol=1e-5)
+    assert np.array_equal(p_out.argmax(1), p_run.argmax(1))
+    # The run's model.safetensors itself is accepted too.
+    np.testing.assert_allclose(
+        load(run / MODEL_FILE).fit(*support_set(support)).predict_proba(queries), p_run, atol=0
+    )
+
+
+def test_cli_predict_table_json_and_export(
+    run: Path,
+    episode: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    support, query = episode
+    model = tmp_path / "model.mtl"
+    assert mtl(["export", str(run), "--out", str(model)], monkeypatch) == 0
+    assert model.is_file()
+    capsys.readouterr()
+    assert (
+        mtl(["predict", str(model), "--support", str(support), "--query", str(query), "--json"], monkeypatch)
+        == 0
+    )
+    rows = json.loads(capsys.readouterr().out)
+    queries, _ = support_set(query)
+    assert [r["file"] for r in rows] == [str(q) for q in queries]
+    expected = load(run).fit(*support_set(support)).predict(queries)
+    assert [r["class"] for r in rows] == expected
+    assert all(len(r["runner_ups"]) == 2 for r in rows)
+    argv = ["predict", str(run), "--support", str(support), "--query", str(queries[0]), "--top-k", "9"]
+    assert mtl(argv, monkeypatch) == 0
+    header, line = capsys.readouterr().out.splitlines()
+    assert header.split()[:3] == ["file", "class", "prob"]
+    assert line.startswith(str(queries[0])) and line.count(",") == 3  # top-k capped at the 5 classes
+
+
+def test_cli_reports_corrupt_query_and_continues(
+    run: Path,
+    episode: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    support, query = episode
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG not really")
+    good = sorted(query.glob("ant/*.png"))[0]
+    code = mtl(["predict", str(run), "--support", str(support), "--query", str(good), str(bad)], monkeypatch)
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert str(bad) in out and "ERROR" in out and "1 of 2 query images" in err
+    assert out.splitlines()[1].startswith(str(good)) and "ERROR" not in out.splitlines()[1]
+
+
+@pytest.mark.parametrize("problem", ["one class", "empty class", "corrupt support", "missing query"])
+def test_cli_refuses_bad_support(
+    problem: str,
+    run: Path,
+    episode: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    rng = np.random.default_rng(2)
+    support = tmp_path / "support"
+    first = write_images(support / "a", 1, rng)[0]
+    named = str(support)
+    query = str(sorted(episode[1].glob("*/*.png"))[0])
+    if problem != "one class":
+        write_images(support / "b", 1, rng)
+    if problem == "empty class":
+        (support / "c").mkdir()
+        named = str(support / "c")
+    elif problem == "corrupt support":
+        first.write_bytes(b"")
+        named = str(first)
+    elif problem == "missing query":
+        query = named = str(tmp_path / "nope.png")
+    assert mtl(["predict", str(run), "--support", str(support), "--query", query], monkeypatch) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mtl: error:") and named in err and "\n" not in err
+
+
+def test_api_errors(run: Path, episode: tuple[Path, Path], tmp_path: Path) -> None:
+    learner = load(run)
+    image = np.zeros((28, 28), np.uint8)
+    with pytest.raises(UserError, match="before predicting"):
+        learner.predict([image])
+    with pytest.raises(UserError, match="at least 2 classes"):
+        learner.fit([image, image], ["x", "x"])
+    with pytest.raises(UserError, match="2 images but 1 labels"):
+        learner.fit([image, image], ["x"])
+    with pytest.raises(UserError, match=r"float pixels must lie in \[0, 1\]"):
+        learner.fit([image * 1.0 + 2, image], ["x", "y"])
+    with pytest.raises(UserError, match="wrap a single image in a list"):
+        learner.predict("x.png")
+    pickled = tmp_path / "model.pt"
+    torch.save({"theta": torch.zeros(1)}, pickled)
+    with pytest.raises(UserError, match="not a safetensors file"):
+        load(pickled)
+    with pytest.raises(UserError, match="holds no model.safetensors"):
+        load(tmp_path)
+    with pytest.raises(UserError, match="precision 'fp8' is not valid"):
+        load(run, precision="fp8")
