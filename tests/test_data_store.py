@@ -168,6 +168,25 @@ def test_omniglot_rotations_are_applied_after_decoding(tmp_path: Path) -> None:
         assert np.array_equal(store.images[k], np.rot90(store.images[0], k))
 
 
+def test_a_bad_image_of_rotated_classes_is_reported_once(tmp_path: Path) -> None:
+    root = write_omniglot(tmp_path / "omniglot", drawers=2, extracted=True)
+    (victim,) = sorted((root / "images_background").glob("*/*/*_01.png"))[:1]
+    victim.write_bytes(b"")
+    cfg = DataConfig(
+        dataset="omniglot",
+        root=str(root),
+        scheme="lake",
+        rotations=True,
+        size=6,
+        cache_dir=str(tmp_path / "c"),
+    )
+    cfg.on_bad_image = "skip"
+    with pytest.warns(UserWarning, match="skipping 1 unreadable") as w:
+        store = open_split(cfg, "train", progress=False)
+    assert str(victim) in str(w[0].message)
+    assert np.diff(store.offsets)[:4].tolist() == [1, 1, 1, 1] and len(store) == 4 * 964 * 2 - 4
+
+
 def test_decode_image_converts_modes() -> None:
     rgb = np.zeros((5, 7, 3), np.uint8)
     rgb[..., 0] = 255

@@ -90,11 +90,11 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "metatransfer"
 
 
-def decode_image(data: bytes | np.ndarray, size: int, channels: int, rotation: int = 0) -> np.ndarray:
+def decode_image(data: bytes | np.ndarray, size: int, channels: int) -> np.ndarray:
     """Encoded bytes or a decoded ``[H, W, C]`` uint8 array -> ``[size, size, channels]`` uint8.
 
     Non-square images are resized to a square (the benchmarks' convention), with bilinear filtering that
-    antialiases when shrinking; ``rotation`` quarter turns (counter-clockwise) are applied last.
+    antialiases when shrinking. Rotated copies (``SplitSpec.rotations``) are made by the caller.
     Raises whatever PIL raises for undecodable data.
     """
     mode = "L" if channels == 1 else "RGB"
@@ -108,8 +108,7 @@ def decode_image(data: bytes | np.ndarray, size: int, channels: int, rotation: i
     img = img.convert(mode)
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BILINEAR)
-    arr = np.asarray(img, dtype=np.uint8).reshape(size, size, channels)
-    return np.rot90(arr, rotation) if rotation else arr
+    return np.asarray(img, dtype=np.uint8).reshape(size, size, channels)
 
 
 def split_fingerprint(spec: SplitSpec, size: int) -> str:
@@ -150,18 +149,26 @@ def _remove_stale_temporaries(cache: Path, stem: str) -> None:
             continue
 
 
-def _decode_range(
-    flat: Sequence[tuple[ImageSource, int]], start: int, stop: int, out: np.ndarray, channels: int
-) -> list[tuple[int, BadImage]]:
-    """Decode ``flat[start:stop]`` into ``out[start:stop]``; return the failures with their indices."""
+@dataclass(frozen=True)
+class _Job:
+    """One source to decode and the rows it fills (several when rotated copies are extra classes)."""
+
+    source: ImageSource
+    rows: list[tuple[int, int]]  # (row of the output array, quarter turns)
+
+
+def _decode_jobs(jobs: Sequence[_Job], out: np.ndarray, channels: int) -> list[tuple[list[int], BadImage]]:
+    """Decode each job's source once into its rows of ``out``; return the failures with their rows."""
     size = out.shape[1]
     bad = []
-    for i in range(start, stop):
-        src, rot = flat[i]
+    for job in jobs:
         try:
-            out[i] = decode_image(src.load(), size, channels, rot)
+            img = decode_image(job.source.load(), size, channels)
         except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt data; all mean "bad image"
-            bad.append((i, BadImage(src.key, _reason(e))))
+            bad.append(([row for row, _ in job.rows], BadImage(job.source.key, _reason(e))))
+            continue
+        for row, turns in job.rows:
+            out[row] = np.rot90(img, turns) if turns else img
     return bad
 
 
@@ -179,27 +186,29 @@ def _build(
 ) -> tuple[np.ndarray, list[BadImage]]:
     """Decode every image of ``spec`` into ``npy_path`` (atomically); return (offsets [C+1], bad images)."""
     rotations = spec.rotations or [0] * len(spec.classes)
-    flat = [(src, rot) for sources, rot in zip(spec.sources, rotations, strict=True) for src in sources]
+    jobs: dict[str, _Job] = {}  # by source key, in row order
+    row = 0
+    for sources, turns in zip(spec.sources, rotations, strict=True):
+        for src in sources:
+            jobs.setdefault(src.key, _Job(src, [])).rows.append((row, turns))
+            row += 1
+    job_list = list(jobs.values())
     counts = np.array([len(s) for s in spec.sources], dtype=np.int64)
-    shape = (len(flat), size, size, spec.channels)
     tmp = npy_path.with_name(f"{npy_path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.npy")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-    bad: list[tuple[int, BadImage]] = []
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(row, size, size, spec.channels))
+    bad: list[tuple[list[int], BadImage]] = []
     # Threads, not processes: PIL releases the GIL while decoding and resizing, and threads can write
     # straight into the memory map (measured on 2 cores: ~1.7x serial, close to a process pool).
     pool = ThreadPoolExecutor(max_workers=workers)
     try:
-        with tqdm(total=len(flat), unit="img", desc=desc, disable=not progress, leave=False) as bar:
-            starts = range(0, len(flat), CHUNK)
-            futures = [
-                pool.submit(_decode_range, flat, a, min(a + CHUNK, len(flat)), out, spec.channels)
-                for a in starts
-            ]
-            for a, fut in zip(starts, futures, strict=True):
+        with tqdm(total=row, unit="img", desc=desc, disable=not progress, leave=False) as bar:
+            chunks = [job_list[a : a + CHUNK] for a in range(0, len(job_list), CHUNK)]
+            futures = [pool.submit(_decode_jobs, chunk, out, spec.channels) for chunk in chunks]
+            for chunk, fut in zip(chunks, futures, strict=True):
                 bad.extend(fut.result())
-                bar.update(min(CHUNK, len(flat) - a))
+                bar.update(sum(len(job.rows) for job in chunk))
         if bad:
-            out, counts = _drop(out, tmp, [i for i, _ in bad], counts)
+            out, counts = _drop(out, tmp, [r for rows, _ in bad for r in rows], counts)
         out.flush()
         del out
         os.replace(tmp, npy_path)
@@ -207,7 +216,7 @@ def _build(
         pool.shutdown(wait=True, cancel_futures=True)  # on Ctrl-C, do not decode the rest first
         tmp.unlink(missing_ok=True)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    return offsets, [b for _, b in sorted(bad, key=lambda t: t[0])]
+    return offsets, [b for _, b in sorted(bad, key=lambda t: t[0][0])]
 
 
 def _drop(out: np.memmap, tmp: Path, drop: list[int], counts: np.ndarray) -> tuple[np.memmap, np.ndarray]:

@@ -197,7 +197,7 @@ class Reader(ABC):
             self.root = Path(root).expanduser().resolve()  # canonical keys: one cache entry from any cwd
             if self.needs_root and not self.root.is_dir():
                 raise DataError(
-                    f"dataset root {self.root} does not exist or is not a folder; check data.root"
+                    f"dataset root {self.root} does not exist or is not a folder; pass the dataset folder (--root or data.root)"
                 )
 
     @abstractmethod
