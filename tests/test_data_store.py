@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,32 @@ def test_damaged_cache_is_rebuilt(
     (npy,) = cache_dir.glob("*.npy")
     npy.write_bytes(npy.read_bytes()[:100])
     assert len(open_split(cfg, "val", progress=False)) == 8 and len(builds) == 2
+
+
+def test_interrupted_build_leaves_no_cache_and_stale_temporaries_are_removed(
+    mini_csv_root: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = _config(mini_csv_root, cache_dir, size=8)
+
+    def crash(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store_mod, "_decode_jobs", crash)
+    with pytest.raises(KeyboardInterrupt):
+        open_split(cfg, "val", progress=False)
+    assert list(cache_dir.iterdir()) == []  # neither a cache nor a temporary survives
+    monkeypatch.undo()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    open_split(cfg, "val", progress=False)  # creates the cache entry; learn its stem
+    (npy,) = cache_dir.glob("*.npy")
+    stale = cache_dir / f"{npy.stem}.npy.{dead.pid}.abcd.tmp.npy"
+    live = cache_dir / f"{npy.stem}.json.{os.getpid()}.abcd.tmp"
+    stale.write_bytes(b"x")
+    live.write_bytes(b"x")
+    npy.unlink()
+    open_split(cfg, "val", progress=False)
+    assert not stale.exists() and live.exists()  # a running process's temporary is left alone
 
 
 def test_sizes_and_roots_get_separate_cache_entries(mini_csv_root: Path, cache_dir: Path) -> None:

@@ -139,7 +139,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 def _remove_stale_temporaries(cache: Path, stem: str) -> None:
     """Delete temporaries of ``stem`` left by builds whose process is gone (a crash mid-build)."""
-    for tmp in cache.glob(f"{stem}.npy.*.tmp*"):
+    for tmp in cache.glob(f"{stem}.*.tmp*"):  # <stem>.{npy,json}.<pid>.<random>.tmp...
         try:
             pid = int(tmp.name.split(".")[2])
             os.kill(pid, 0)
