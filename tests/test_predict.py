@@ -26,11 +26,11 @@ from metatransfer.train.meta import MODEL_FILE, MetaLearner, prepare_backbone, s
 CLASSES = ["ant", "bee", "cat", "dog", "eel"]
 
 
-def make_run(path: Path, channels: int, seed: int = 0) -> Path:
-    """A meta-train run directory holding a tiny conv4 MTL model with random SS parameters and theta."""
+def make_run(path: Path, channels: int, method: str = "mtl", seed: int = 0) -> Path:
+    """A meta-train run directory holding a tiny conv4 model with random SS parameters (if any) and theta."""
     torch.manual_seed(seed)
     backbone = create_backbone("conv4", channels, hidden=8)
-    meta = MetaConfig(way=5, inner_steps_test=50)
+    meta = MetaConfig(method=method, way=5, inner_steps_test=50)
     prepare_backbone(backbone, meta)
     learner = MetaLearner(backbone, meta.way)
     with torch.no_grad():
@@ -176,6 +176,15 @@ def test_export_matches_run(run: Path, episode: tuple[Path, Path], tmp_path: Pat
     )
 
 
+@pytest.mark.parametrize("method", ["ss-last", "ft-last"])
+def test_export_other_methods(method: str, episode: tuple[Path, Path], tmp_path: Path) -> None:
+    run = make_run(tmp_path / method, channels=1, method=method)
+    queries, _ = support_set(episode[1])
+    p_run = load(run).fit(*support_set(episode[0])).predict_proba(queries)
+    p_out = load(export_model(run, tmp_path / "m.mtl")).fit(*support_set(episode[0])).predict_proba(queries)
+    np.testing.assert_allclose(p_out, p_run, atol=1e-5)
+
+
 def test_cli_predict_table_json_and_export(
     run: Path,
     episode: tuple[Path, Path],
@@ -223,7 +232,9 @@ def test_cli_reports_corrupt_query_and_continues(
     assert out.splitlines()[1].startswith(str(good)) and "ERROR" not in out.splitlines()[1]
 
 
-@pytest.mark.parametrize("problem", ["one class", "empty class", "corrupt support", "missing query"])
+@pytest.mark.parametrize(
+    "problem", ["no class", "one class", "empty class", "corrupt support", "missing query"]
+)
 def test_cli_refuses_bad_support(
     problem: str,
     run: Path,
@@ -237,7 +248,10 @@ def test_cli_refuses_bad_support(
     first = write_images(support / "a", 1, rng)[0]
     named = str(support)
     query = str(sorted(episode[1].glob("*/*.png"))[0])
-    if problem != "one class":
+    if problem == "no class":
+        first.rename(support / "loose.png")
+        (support / "a").rmdir()
+    elif problem != "one class":
         write_images(support / "b", 1, rng)
     if problem == "empty class":
         (support / "c").mkdir()

@@ -116,14 +116,20 @@ def _items(images: Images) -> list[ImageInput]:
 
     if isinstance(images, (str, os.PathLike, Image.Image)):
         raise UserError("expected a list of images; wrap a single image in a list: [image]")
-    if isinstance(images, (np.ndarray, torch.Tensor)):
-        if images.ndim != 4:
-            raise UserError(
-                f"an array of images must be a batch [B, H, W, C] or [B, C, H, W], got shape {tuple(images.shape)}; "
-                "pass a list for separate images"
-            )
-        return list(images)
+    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim != 4:
+        raise UserError(
+            f"an array of images must be a batch [B, H, W, C] or [B, C, H, W], got shape {tuple(images.shape)}; "
+            "pass a list for separate images"
+        )
     return list(images)
+
+
+def _stack(arrays: Sequence[np.ndarray], pre: Preprocess) -> np.ndarray:
+    """[size, size, channels] uint8 arrays -> [n, size, size, channels] (n may be 0)."""
+    import numpy as np
+
+    shape = (0, pre.size, pre.size, pre.channels)
+    return np.stack(arrays) if arrays else np.zeros(shape, dtype=np.uint8)
 
 
 def _sorted_classes(labels: Iterable[Hashable]) -> list[Hashable]:
@@ -155,12 +161,8 @@ class FewShotLearner:
 
     def to_arrays(self, images: Images) -> np.ndarray:
         """Images -> [n, size, size, channels] uint8, as the model sees them before normalisation."""
-        import numpy as np
-
-        items = _items(images)
-        shape = (0, self.pre.size, self.pre.size, self.pre.channels)
-        arrays = [image_array(x, self.pre, f"image {i}") for i, x in enumerate(items)]
-        return np.stack(arrays) if arrays else np.zeros(shape, dtype=np.uint8)
+        arrays = [image_array(x, self.pre, f"image {i}") for i, x in enumerate(_items(images))]
+        return _stack(arrays, self.pre)
 
     def features(self, arrays: np.ndarray) -> torch.Tensor:
         """[n, size, size, channels] uint8 -> backbone features [n, d] float32 (eval mode), as meta-test computes them."""
@@ -399,11 +401,12 @@ def predict_folder(
     root = Path(support)
     if not root.is_dir():
         raise UserError(f"support folder {root} does not exist; give a folder with one sub-folder per class")
-    spec = class_folders_split(root, "support", learner.pre.channels)
-    if len(spec.classes) < 2:
+    folders = [d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    if len(folders) < 2:
         raise UserError(
-            f"support folder {root} holds {len(spec.classes)} class folder(s); add at least 2 (one per class)"
+            f"support folder {root} holds {len(folders)} class folder(s); add at least 2 (one per class)"
         )
+    spec = class_folders_split(root, "support", learner.pre.channels)
     paths = [src.key for sources in spec.sources for src in sources]
     labels = [c for c, sources in zip(spec.classes, spec.sources, strict=True) for _ in sources]
     learner.fit(paths, labels)
@@ -416,8 +419,7 @@ def predict_folder(
             good.append(i)
         except UserError as e:
             results[i] = QueryResult(str(q), [], str(e))
-    shape = (0, learner.pre.size, learner.pre.size, learner.pre.channels)
-    probs = learner.probabilities(np.stack(arrays) if arrays else np.zeros(shape, dtype=np.uint8))
+    probs = learner.probabilities(_stack(arrays, learner.pre))
     k = max(1, min(top_k, len(learner.classes)))
     for i, row in zip(good, probs, strict=True):
         best = np.argsort(-row, kind="stable")[:k]
