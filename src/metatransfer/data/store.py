@@ -128,6 +128,11 @@ def _cache_stem(dataset: str, split: str, size: int, options: dict[str, Any], ro
     return f"{dataset}_{split}_{size}px{opts}_{where}"
 
 
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -211,6 +216,7 @@ def _build(
             out, counts = _drop(out, tmp, [r for rows, _ in bad for r in rows], counts)
         out.flush()
         del out
+        _fsync(tmp)  # the pixels reach the disk before the name (and then the sidecar) says they are there
         os.replace(tmp, npy_path)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # on Ctrl-C, do not decode the rest first
