@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub = data.add_subparsers(dest="data_command", required=True)
     p = data_sub.add_parser("check", help="decode every image, report bad files, build the cache")
     p.add_argument("dataset")
-    p.add_argument("--root", required=True, help="the dataset's folder")
+    p.add_argument("--root", help="the dataset's folder (not needed for glyphs)")
     p.add_argument("--scheme", help="omniglot: vinyals (default) or lake")
     p.add_argument(
         "--rotations", action="store_true", help="omniglot vinyals: add 90-degree rotation classes"
@@ -204,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="all three phases end to end, with a summary table")
     _common_train_args(p)
     p.set_defaults(func=cmd_run)
+
+    from metatransfer.predict import add_commands
+
+    add_commands(sub)
     return parser
 
 

@@ -90,7 +90,7 @@ class MetaConfig:
     inner_steps_test: int = 50  # base-learner steps per task at meta-test
     inner_lr: float = 0.1  # beta
     lr_ss: float = 1e-3  # gamma_1, for Phi (scale and shift)
-    lr_theta: float = 1e-2  # gamma_2, for theta's initialisation
+    lr_theta: float = 1e-4  # gamma_2, for theta's initialisation (small: rows are exchangeable, see README)
     lr_decay: float = 0.5
     lr_decay_every: int = 1000  # tasks
     first_order: bool = True  # the original code's first-order outer gradient; False = exact

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from metatransfer.config import Config
-from metatransfer.data.augment import dataset_stats
+from metatransfer.data.augment import BatchAugment, dataset_stats
 from metatransfer.errors import TrainingError, UserError
 from metatransfer.models.backbones import create_backbone
 from metatransfer.runs import load_weights, save_weights
@@ -47,6 +47,20 @@ def preprocess_for(cfg: Config, channels: int) -> Preprocess:
     if len(mean) != channels:  # grayscale stats for an RGB folder, or the reverse
         mean, std = (tuple(mean) * channels)[:channels], (tuple(std) * channels)[:channels]
     return Preprocess(cfg.data.size, channels, tuple(mean), tuple(std))
+
+
+def make_augment(cfg: Config, pre: Preprocess, device: torch.device) -> BatchAugment:
+    """The batched augmentation of `pretrain.augment` (meta-training reuses it when `meta.augment`)."""
+    a = cfg.pretrain.augment
+    return BatchAugment(
+        size=pre.size,
+        channels=pre.channels,
+        crop_scale=(a.crop_scale[0], a.crop_scale[1]),
+        flip=a.flip,
+        color_jitter=a.color_jitter,
+        mean=pre.mean,
+        std=pre.std,
+    ).to(device)
 
 
 def build_backbone(cfg: Config, in_channels: int) -> nn.Module:

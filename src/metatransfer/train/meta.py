@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from metatransfer import distributed as dist
 from metatransfer.config import Config, MetaConfig
-from metatransfer.data.augment import BatchAugment, to_float
+from metatransfer.data.augment import to_float
 from metatransfer.data.sampler import Episode, EpisodeSampler
 from metatransfer.data.store import ImageStore, open_split
 from metatransfer.device import Runtime, resolve_runtime
@@ -53,7 +53,14 @@ from metatransfer.runs import (
     save_weights,
     write_json,
 )
-from metatransfer.train.common import BACKBONE_FILE, Preprocess, Throughput, check_finite, load_backbone
+from metatransfer.train.common import (
+    BACKBONE_FILE,
+    Preprocess,
+    Throughput,
+    check_finite,
+    load_backbone,
+    make_augment,
+)
 from metatransfer.train.evaluate import confidence_interval, evaluate_features, extract_features
 from metatransfer.train.hard_tasks import failure_classes, hard_task_classes
 
@@ -187,9 +194,7 @@ class MetaTrainer:
         self.base_lrs = [g["lr"] for g in self.opt.param_groups]
         self.sampler = EpisodeSampler(train, m.way, m.shot, m.query, cfg.seed)
         self.loop = inner_loop(m)
-        self.augment = (
-            BatchAugment(size=pre.size, channels=pre.channels).to(runtime.device) if m.augment else None
-        )
+        self.augment = make_augment(cfg, pre, runtime.device) if m.augment else None
         self.ys = torch.arange(m.way, device=runtime.device).repeat_interleave(m.shot)
         self.yq = torch.arange(m.way, device=runtime.device).repeat_interleave(m.query)
         self.failures: Counter[int] = Counter()

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from metatransfer import distributed as dist
 from metatransfer.config import Config
-from metatransfer.data.augment import BatchAugment, to_float
+from metatransfer.data.augment import to_float
 from metatransfer.data.sampler import EpisodeSampler
 from metatransfer.data.store import ImageStore, open_split
 from metatransfer.device import Runtime, resolve_runtime
@@ -39,6 +39,7 @@ from metatransfer.train.common import (
     batches,
     build_backbone,
     check_finite,
+    make_augment,
     preprocess_for,
     save_backbone,
     seed_everything,
@@ -108,13 +109,7 @@ def pretrain(cfg: Config, out: Path, *, overwrite: bool = False, resume: bool | 
     opt = torch.optim.SGD(
         model.parameters(), lr=p.lr, momentum=p.momentum, nesterov=p.nesterov, weight_decay=p.weight_decay
     )
-    augment = BatchAugment(
-        size=pre.size,
-        channels=pre.channels,
-        crop_scale=(p.augment.crop_scale[0], p.augment.crop_scale[1]),
-        flip=p.augment.flip,
-        color_jitter=p.augment.color_jitter,
-    ).to(runtime.device)
+    augment = make_augment(cfg, pre, runtime.device)
     validate = FewShotValidator(val, pre, p.val_shots, p.val_episodes, cfg.eval.seed, cfg.eval.query)
     run = RunDir.open(out, cfg, overwrite=overwrite, resume=resume, lock=ctx.is_main) if ctx.is_main else None
     start_epoch, best = 0, -1.0
