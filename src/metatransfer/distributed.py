@@ -47,7 +47,7 @@ def context() -> DistContext:
             if backend == "nccl":
                 torch.cuda.set_device(local)
             # A rank that dies makes the others fail at their next collective within this timeout.
-            timeout = datetime.timedelta(seconds=float(os.environ.get("MTL_DIST_TIMEOUT", "120")))
+            timeout = datetime.timedelta(seconds=float(os.environ.get("MTL_DIST_TIMEOUT", "1800")))
             torch_dist.init_process_group(backend=backend, timeout=timeout)
         _CONTEXT = DistContext(rank, world, local)
     return _CONTEXT

@@ -225,6 +225,26 @@ class Reader(ABC):
             )
 
 
+class SplitFoldersReader(Reader):
+    """A layout whose splits are folders: ``ROOT/<split>/<class>/<image files>``."""
+
+    def splits(self) -> list[str]:
+        return [s for s in self.expected_splits if (self.root / s).is_dir()]
+
+    def split(self, name: str) -> SplitSpec:
+        self._check_split_name(name)
+        split_dir = self.root / name
+        if not split_dir.is_dir():
+            raise DataError(f"{self.name} split '{name}' is not present: no {split_dir} folder")
+        return class_folders_split(
+            split_dir, name, self.channels, class_filter=self.class_filter(split_dir, name)
+        )
+
+    def class_filter(self, split_dir: Path, name: str) -> Callable[[list[str]], list[str]] | None:
+        """Validates/reorders the class folders found in ``split_dir`` (none by default)."""
+        return None
+
+
 R = TypeVar("R", bound=type[Reader])
 READERS: dict[str, type[Reader]] = {}
 

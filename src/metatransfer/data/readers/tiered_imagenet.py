@@ -7,7 +7,7 @@ from pathlib import Path
 
 from metatransfer.errors import DataError
 
-from .base import Reader, SplitSpec, class_folders_split, load_split_list, register_reader
+from .base import SplitFoldersReader, load_split_list, register_reader
 
 
 def _tiered_class_check(split_dir: Path, name: str) -> Callable[[list[str]], list[str]]:
@@ -33,18 +33,11 @@ def _tiered_class_check(split_dir: Path, name: str) -> Callable[[list[str]], lis
 
 
 @register_reader
-class TieredImageNetReader(Reader):
+class TieredImageNetReader(SplitFoldersReader):
     name = "tiered-imagenet"
     layout = "ROOT/{train,val,test}/<wnid>/*.{jpg,png} (351/97/160 classes)"
     default_size = 84
     channels = 3
 
-    def splits(self) -> list[str]:
-        return [s for s in self.expected_splits if (self.root / s).is_dir()]
-
-    def split(self, name: str) -> SplitSpec:
-        self._check_split_name(name)
-        split_dir = self.root / name
-        if not split_dir.is_dir():
-            raise DataError(f"tiered-imagenet split '{name}' is not present: no {split_dir} folder")
-        return class_folders_split(split_dir, name, 3, class_filter=_tiered_class_check(split_dir, name))
+    def class_filter(self, split_dir: Path, name: str) -> Callable[[list[str]], list[str]]:
+        return _tiered_class_check(split_dir, name)
