@@ -78,7 +78,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 @pytest.mark.parametrize(
     ("phase", "weights", "kills"),
-    [("pretrain", "backbone.safetensors", 3), ("meta-train", "model.safetensors", 3)],
+    [("pretrain", "backbone.safetensors", 3), ("meta-train", "last.safetensors", 3)],
 )
 def test_kill_and_resume_is_bit_identical(
     setup: tuple[Path, Path], phase: str, weights: str, kills: int

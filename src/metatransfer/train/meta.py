@@ -64,7 +64,8 @@ from metatransfer.train.common import (
 from metatransfer.train.evaluate import confidence_interval, evaluate_features, extract_features
 from metatransfer.train.hard_tasks import failure_classes, hard_task_classes
 
-MODEL_FILE = "model.safetensors"
+MODEL_FILE = "model.safetensors"  # the best on val (the start included)
+LAST_FILE = "last.safetensors"  # the end of meta-training
 STATE_FILE = "state.pt"
 HARD_SALT = 1  # hard tasks draw from their own episode stream, so HT leaves ordinary tasks unchanged
 
@@ -387,6 +388,7 @@ def meta_train(
             dist.barrier()
     bar.close()
     if run is not None:
+        save_meta_model(out / LAST_FILE, learner, cfg, pre, tasks=str(tasks_done))
         summary = {"best_val": best, "tasks": tasks_done, "hard_tasks": hard_done, "seconds": speed.elapsed}
         write_json(out / "summary.json", summary)
         run.finish(summary)
