@@ -125,17 +125,19 @@ def evaluate_features(
     way, shot, query = sampler.way, sampler.shot, sampler.query
     accs = []
     bar = tqdm(total=len(all_ids), desc="episodes", disable=not progress, leave=False, unit="ep")
-    for start in range(0, len(all_ids), chunk):
-        batch = episode_batch(sampler, all_ids[start : start + chunk])
-        e = len(batch.ids)
-        xs = features[torch.from_numpy(batch.support)]
-        xq = features[torch.from_numpy(batch.query)]
-        ys = episode_labels(way, shot, e, xs.device)
-        yq = episode_labels(way, query, e, xs.device)
-        scores = classify(xs, ys, xq, way, method, loop, init)
-        accs.append((scores.argmax(-1) == yq).float().mean(1).cpu().numpy())
-        bar.update(e)
-    bar.close()
+    try:
+        for start in range(0, len(all_ids), chunk):
+            batch = episode_batch(sampler, all_ids[start : start + chunk])
+            e = len(batch.ids)
+            xs = features[torch.from_numpy(batch.support)]
+            xq = features[torch.from_numpy(batch.query)]
+            ys = episode_labels(way, shot, e, xs.device)
+            yq = episode_labels(way, query, e, xs.device)
+            scores = classify(xs, ys, xq, way, method, loop, init)
+            accs.append((scores.argmax(-1) == yq).float().mean(1).cpu().numpy())
+            bar.update(e)
+    finally:
+        bar.close()
     return np.concatenate(accs) if accs else np.empty(0)
 
 

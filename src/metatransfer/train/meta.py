@@ -322,71 +322,75 @@ def meta_train(
         save_meta_model(out / MODEL_FILE, learner, cfg, pre, tasks="0")
     speed = Throughput()
     bar = tqdm(total=m.tasks, initial=tasks_done, desc="meta-train", unit="task", disable=not ctx.is_main)
-    losses: list[float] = []
-    accs: list[float] = []
-    while tasks_done < m.tasks:
-        step = tasks_done // m.meta_batch
-        trainer.set_lr(tasks_done)
-        ids = range(tasks_done, tasks_done + m.meta_batch)
-        mine = [i for k, i in enumerate(ids) if k % ctx.world_size == ctx.rank]
-        batch = TaskBatch.of([trainer.sampler.episode(i) for i in mine])
-        loss, acc, cls_loss = trainer.learn(batch, step_seed=cfg.seed * 1_000_003 + 2 * step)
-        losses.append(loss)
-        accs.append(float(acc.mean()))
-        tasks_done += m.meta_batch
-        if m.ht.enabled and tasks_done > m.ht.start_after:
-            hard = trainer.hard_batch(batch, acc, cls_loss, hard_done)
-            trainer.learn(hard, step_seed=cfg.seed * 1_000_003 + 2 * step + 1)
-            hard_done += len(hard)
-        speed.add(m.meta_batch)
-        bar.update(m.meta_batch)
-        bar.set_postfix(
-            loss=f"{np.mean(losses[-50:]):.3f}", acc=f"{np.mean(accs[-50:]):.3f}", tasks_s=f"{speed.rate:.2f}"
-        )
-        if tasks_done % m.val_every < m.meta_batch or tasks_done >= m.tasks:
-            if ctx.is_main:
-                t0 = time.perf_counter()
-                val_acc, val_ci = trainer.validate(val, val_sampler, m.val_episodes)
-                if val_acc > best:
-                    best = val_acc
-                    save_meta_model(out / MODEL_FILE, learner, cfg, pre, tasks=str(tasks_done))
-                assert log is not None
-                log.append(
-                    {
-                        "step": tasks_done,
-                        "tasks": tasks_done,
-                        "hard_tasks": hard_done,
-                        "train_loss": float(np.mean(losses)),
-                        "train_query_acc": float(np.mean(accs)),
-                        "val_acc": val_acc,
-                        "val_ci": val_ci,
-                        "tasks_per_s": speed.rate,
-                        "val_s": time.perf_counter() - t0,
-                    }
-                )
-                save_state(
-                    out / STATE_FILE,
-                    {
-                        "model": learner.state_dict(),
-                        "optimizer": trainer.opt.state_dict(),
-                        "tasks": tasks_done,
-                        "hard": hard_done,
-                        "best": best,
-                        "failures": {str(k): v for k, v in trainer.failures.items()},
-                    },
-                )
-                top = ", ".join(f"{train.classes[c]}x{n}" for c, n in trainer.failures.most_common(10))
-                tqdm.write(
-                    f"tasks {tasks_done} (+{hard_done} hard): query acc {100 * np.mean(accs):.1f}%, "
-                    f"val {100 * val_acc:.2f} ± {100 * val_ci:.2f}%"
-                    + (f"; top failure classes: {top}" if top else "")
-                )
-                if m.ht.enabled:
-                    _write_failures(out / "failure_classes.csv", trainer.failures, train.classes)
-            losses.clear()
-            accs.clear()
-            dist.barrier()
-    bar.close()
+    try:
+        losses: list[float] = []
+        accs: list[float] = []
+        while tasks_done < m.tasks:
+            step = tasks_done // m.meta_batch
+            trainer.set_lr(tasks_done)
+            ids = range(tasks_done, tasks_done + m.meta_batch)
+            mine = [i for k, i in enumerate(ids) if k % ctx.world_size == ctx.rank]
+            batch = TaskBatch.of([trainer.sampler.episode(i) for i in mine])
+            loss, acc, cls_loss = trainer.learn(batch, step_seed=cfg.seed * 1_000_003 + 2 * step)
+            losses.append(loss)
+            accs.append(float(acc.mean()))
+            tasks_done += m.meta_batch
+            if m.ht.enabled and tasks_done > m.ht.start_after:
+                hard = trainer.hard_batch(batch, acc, cls_loss, hard_done)
+                trainer.learn(hard, step_seed=cfg.seed * 1_000_003 + 2 * step + 1)
+                hard_done += len(hard)
+            speed.add(m.meta_batch)
+            bar.update(m.meta_batch)
+            bar.set_postfix(
+                loss=f"{np.mean(losses[-50:]):.3f}",
+                acc=f"{np.mean(accs[-50:]):.3f}",
+                tasks_s=f"{speed.rate:.2f}",
+            )
+            if tasks_done % m.val_every < m.meta_batch or tasks_done >= m.tasks:
+                if ctx.is_main:
+                    t0 = time.perf_counter()
+                    val_acc, val_ci = trainer.validate(val, val_sampler, m.val_episodes)
+                    if val_acc > best:
+                        best = val_acc
+                        save_meta_model(out / MODEL_FILE, learner, cfg, pre, tasks=str(tasks_done))
+                    assert log is not None
+                    log.append(
+                        {
+                            "step": tasks_done,
+                            "tasks": tasks_done,
+                            "hard_tasks": hard_done,
+                            "train_loss": float(np.mean(losses)),
+                            "train_query_acc": float(np.mean(accs)),
+                            "val_acc": val_acc,
+                            "val_ci": val_ci,
+                            "tasks_per_s": speed.rate,
+                            "val_s": time.perf_counter() - t0,
+                        }
+                    )
+                    save_state(
+                        out / STATE_FILE,
+                        {
+                            "model": learner.state_dict(),
+                            "optimizer": trainer.opt.state_dict(),
+                            "tasks": tasks_done,
+                            "hard": hard_done,
+                            "best": best,
+                            "failures": {str(k): v for k, v in trainer.failures.items()},
+                        },
+                    )
+                    top = ", ".join(f"{train.classes[c]}x{n}" for c, n in trainer.failures.most_common(10))
+                    tqdm.write(
+                        f"tasks {tasks_done} (+{hard_done} hard): query acc {100 * np.mean(accs):.1f}%, "
+                        f"val {100 * val_acc:.2f} ± {100 * val_ci:.2f}%"
+                        + (f"; top failure classes: {top}" if top else "")
+                    )
+                    if m.ht.enabled:
+                        _write_failures(out / "failure_classes.csv", trainer.failures, train.classes)
+                losses.clear()
+                accs.clear()
+                dist.barrier()
+    finally:
+        bar.close()
     if run is not None:
         save_meta_model(out / LAST_FILE, learner, cfg, pre, tasks=str(tasks_done))
         summary = {"best_val": best, "tasks": tasks_done, "hard_tasks": hard_done, "seconds": speed.elapsed}

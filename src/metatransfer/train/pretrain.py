@@ -140,38 +140,40 @@ def pretrain(cfg: Config, out: Path, *, overwrite: bool = False, resume: bool | 
         bar = tqdm(
             total=steps_per_epoch, desc=f"epoch {epoch + 1}/{p.epochs}", disable=not ctx.is_main, unit="step"
         )
-        index_stream = batches(len(train), p.batch_size * ctx.world_size, gen)
-        for step in range(steps_per_epoch):
-            try:
-                idx = next(index_stream)
-            except StopIteration:
-                index_stream = batches(len(train), p.batch_size * ctx.world_size, gen)
-                idx = next(index_stream)
-            idx = dist.shard(idx)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(cfg, epoch + step / steps_per_epoch)
-            rows = np.sort(idx.numpy())  # sorted reads are kinder to a memory-mapped store
-            x = to_float(torch.from_numpy(np.ascontiguousarray(train.images[rows])), pre.mean, pre.std)
-            y = torch.from_numpy(train.labels[rows]).to(runtime.device)
-            x = runtime.images(x)
-            if p.augment.enabled:
-                x = augment(x, generator=aug_gen)
-            with runtime.autocast():
-                scores = trainer(x)
-                loss = F.cross_entropy(scores.float(), y, label_smoothing=p.label_smoothing)
-            check_finite(loss, f"epoch {epoch + 1} step {step + 1}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += float(loss.detach()) * len(y)
-            correct += float((scores.argmax(1) == y).sum())
-            seen += len(y)
-            speed.add(len(y) * ctx.world_size)
-            bar.update(1)
-            bar.set_postfix(
-                loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", img_s=f"{speed.rate:.0f}"
-            )
-        bar.close()
+        try:
+            index_stream = batches(len(train), p.batch_size * ctx.world_size, gen)
+            for step in range(steps_per_epoch):
+                try:
+                    idx = next(index_stream)
+                except StopIteration:
+                    index_stream = batches(len(train), p.batch_size * ctx.world_size, gen)
+                    idx = next(index_stream)
+                idx = dist.shard(idx)
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(cfg, epoch + step / steps_per_epoch)
+                rows = np.sort(idx.numpy())  # sorted reads are kinder to a memory-mapped store
+                x = to_float(torch.from_numpy(np.ascontiguousarray(train.images[rows])), pre.mean, pre.std)
+                y = torch.from_numpy(train.labels[rows]).to(runtime.device)
+                x = runtime.images(x)
+                if p.augment.enabled:
+                    x = augment(x, generator=aug_gen)
+                with runtime.autocast():
+                    scores = trainer(x)
+                    loss = F.cross_entropy(scores.float(), y, label_smoothing=p.label_smoothing)
+                check_finite(loss, f"epoch {epoch + 1} step {step + 1}")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                loss_sum += float(loss.detach()) * len(y)
+                correct += float((scores.argmax(1) == y).sum())
+                seen += len(y)
+                speed.add(len(y) * ctx.world_size)
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", img_s=f"{speed.rate:.0f}"
+                )
+        finally:
+            bar.close()
         train_time = speed.elapsed
         row: dict[str, float | int] = {
             "epoch": epoch + 1,
