@@ -1,0 +1,161 @@
+"""Meta-training internals: what the outer loop updates, hard tasks, compare-ht and ablate end to end."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from metatransfer.cli import main
+from metatransfer.config import load_config
+from metatransfer.data.store import ImageStore
+from metatransfer.device import resolve_runtime
+from metatransfer.models.backbones import create_backbone
+from metatransfer.models.scale_shift import SSConv2d
+from metatransfer.train.common import Preprocess
+from metatransfer.train.meta import HARD_SALT, MetaLearner, MetaTrainer, TaskBatch, prepare_backbone
+
+from tiny import write_config, write_pattern_folder
+
+
+def _store(classes: int = 6, per_class: int = 10, size: int = 28) -> ImageStore:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (classes * per_class, size, size, 1), dtype=np.uint8)
+    offsets = np.arange(classes + 1, dtype=np.int64) * per_class
+    return ImageStore.from_offsets(images, offsets, [f"c{i}" for i in range(classes)], "train")
+
+
+def _trainer(first_order: bool = True, method: str = "mtl", **meta: object) -> MetaTrainer:
+    overrides = [
+        f"meta.{k}={v}" for k, v in {"way": 3, "shot": 1, "query": 3, "meta_batch": 2, **meta}.items()
+    ]
+    cfg = load_config(
+        None,
+        [
+            *overrides,
+            f"meta.first_order={str(first_order).lower()}",
+            f"meta.method={method}",
+            "precision=fp32",
+        ],
+    )
+    torch.manual_seed(0)
+    backbone = create_backbone("conv4", 1, hidden=4)
+    prepare_backbone(backbone, cfg.meta)
+    learner = MetaLearner(backbone, cfg.meta.way)
+    pre = Preprocess(28, 1, (0.5,), (0.25,))
+    return MetaTrainer(cfg, learner, _store(), pre, resolve_runtime(cfg))
+
+
+@pytest.mark.parametrize("first_order", [True, False])
+def test_outer_update_moves_phi_and_theta_never_w(first_order: bool) -> None:
+    trainer = _trainer(first_order)
+    convs = [m for m in trainer.learner.modules() if isinstance(m, SSConv2d)]
+    weights = [c.weight.clone() for c in convs]
+    scales = [c.scale.detach().clone() for c in convs]
+    theta = trainer.learner.theta_weight.detach().clone()
+    batch = TaskBatch.of([trainer.sampler.episode(i) for i in range(2)])
+    loss, acc, cls_loss = trainer.learn(batch, step_seed=0)
+    assert np.isfinite(loss) and acc.shape == cls_loss.shape == (2, 3)
+    assert all(torch.equal(w, c.weight) for w, c in zip(weights, convs, strict=True))
+    assert all(c.weight.grad is None for c in convs)
+    assert any(not torch.equal(s, c.scale) for s, c in zip(scales, convs, strict=True))
+    assert not torch.equal(theta, trainer.learner.theta_weight)
+
+
+def test_ft_theta_updates_only_theta() -> None:
+    trainer = _trainer(method="ft-theta")
+    before = {k: v.clone() for k, v in trainer.learner.backbone.state_dict().items()}
+    trainer.learn(TaskBatch.of([trainer.sampler.episode(i) for i in range(2)]), step_seed=0)
+    after = trainer.learner.backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_hard_tasks_use_failure_classes_and_fresh_images() -> None:
+    trainer = _trainer()
+    batch = TaskBatch.of([trainer.sampler.episode(i) for i in range(2)])
+    # Fabricated accuracies: task 0 fails class position 2, task 1 fails position 0.
+    acc = np.array([[1.0, 1.0, 0.0], [0.0, 0.5, 1.0]])
+    loss = np.zeros_like(acc)
+    hard = trainer.hard_batch(batch, acc, loss, hard_done=0)
+    failures = {int(batch.classes[0, 2]), int(batch.classes[1, 0])}
+    allowed = failures | {int(batch.classes[1, 1])}  # the next hardest fills the third slot
+    assert len(hard) == trainer.m.ht.tasks_per_batch
+    assert set(hard.classes[0].tolist()) == allowed
+    failed_queries = set(batch.query.ravel().tolist())
+    hard_images = set(hard.support.ravel().tolist()) | set(hard.query.ravel().tolist())
+    assert not failed_queries & hard_images
+    assert dict(trainer.failures) == {c: 1 for c in failures}
+
+
+def test_hard_tasks_leave_the_ordinary_stream_unchanged() -> None:
+    trainer = _trainer()
+    before = [trainer.sampler.episode(i).query.tolist() for i in range(4)]
+    batch = TaskBatch.of([trainer.sampler.episode(i) for i in range(2)])
+    trainer.hard_batch(batch, np.zeros((2, 3)), np.zeros((2, 3)), hard_done=0)
+    assert [trainer.sampler.episode(i).query.tolist() for i in range(4)] == before
+    assert HARD_SALT != 0
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("meta")
+    data = write_pattern_folder(tmp / "data")
+    config = write_config(
+        tmp / "cfg.yaml", data, tmp / "cache", pretrain={"epochs": 2}, meta={"ht": {"tasks_per_batch": 2}}
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pretrain", "--config", str(config), "--out", str(tmp / "pre")])
+    assert exit_info.value.code == 0
+    return config, tmp
+
+
+def test_compare_ht_writes_curve_plot_and_table(pretrained: tuple[Path, Path]) -> None:
+    config, tmp = pretrained
+    out = tmp / "compare"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare-ht", "--config", str(config), "--pretrained", str(tmp / "pre"), "--out", str(out)])
+    assert exit_info.value.code == 0
+    assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with (out / "curve.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    final = {v: max(int(r["tasks"]) for r in rows if r["variant"] == v) for v in ("ht", "no-ht")}
+    assert final["ht"] == final["no-ht"]  # compared at an equal number of tasks
+    assert (out / "ht" / "failure_classes.csv").exists()
+    table = (out / "comparison.md").read_text()
+    assert "| ht |" in table and "| no-ht |" in table
+
+
+def test_ablate_runs_every_method_on_identical_episodes(pretrained: tuple[Path, Path]) -> None:
+    config, tmp = pretrained
+    out = tmp / "ablation"
+    args = ["ablate", "--config", str(config), "--pretrained", str(tmp / "pre"), "--out", str(out)]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--shots", "1", "--episodes", "12", "--set", "meta.tasks=4"])
+    assert exit_info.value.code == 0
+    with (out / "ablation.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    methods = [r["method"] for r in rows]
+    assert methods == [
+        "update-theta",
+        "update-all",
+        "ft-theta",
+        "ft-last",
+        "ss-last",
+        "mtl",
+        "mtl-ht",
+        "ncm",
+        "logreg",
+    ]
+    assert all(not r["error"] for r in rows), rows
+    table = (out / "ablation.md").read_text()
+    for r in rows:
+        assert f"{100 * float(r['accuracy']):.2f} ± {100 * float(r['ci95']):.2f}" in table
+    # The same episodes for every meta-learned method: the per-episode files name the same episodes.
+    ids = {
+        m: (out / f"{m}-1shot" / "episodes-test-3way-1shot.csv").read_text().count("\n")
+        for m in ("mtl", "ft-last")
+    }
+    assert ids["mtl"] == ids["ft-last"] == 13
