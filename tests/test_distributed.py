@@ -76,23 +76,35 @@ def test_meta_test_matches_one_process(setup: tuple[Path, Path, Path]) -> None:
     np.testing.assert_array_equal(single, double)
 
 
-def test_meta_training_on_two_ranks_matches_one_process(setup: tuple[Path, Path, Path]) -> None:
+@pytest.mark.parametrize("ht", [False, True])
+def test_meta_training_on_two_ranks_matches_one_process(setup: tuple[Path, Path, Path], ht: bool) -> None:
     tmp, config, pre = setup
-    args = ("meta-train", "--config", str(config), "--pretrained", str(pre), *FP32)
-    _ok(_mtl(*args, "--out", str(tmp / "meta-1")))
-    _ok(_torchrun(*args, "--out", str(tmp / "meta-2")))
-    # Compare the final resume-free weights: the best model of each run, chosen on the same val episodes.
+    # With HT, one hard task per meta-batch: one rank learns it, the other only joins the all-reduce.
+    args = (
+        "meta-train",
+        "--config",
+        str(config),
+        "--pretrained",
+        str(pre),
+        *FP32,
+        "--set",
+        f"meta.ht.enabled={ht}",
+    )
+    _ok(_mtl(*args, "--out", str(tmp / f"meta-1-{ht}")))
+    _ok(_torchrun(*args, "--out", str(tmp / f"meta-2-{ht}")))
     one, two = (
-        load_file(tmp / "meta-1" / "model.safetensors"),
-        load_file(tmp / "meta-2" / "model.safetensors"),
+        load_file(tmp / f"meta-1-{ht}" / "last.safetensors"),
+        load_file(tmp / f"meta-2-{ht}" / "last.safetensors"),
     )
     trained = [k for k in one if k.endswith(("scale", "shift")) or k.startswith("theta")]
     assert trained
+    assert any(not np.allclose(one[k].numpy(), 1.0) for k in trained if k.endswith("scale")), (
+        "Phi did not move"
+    )
     for key in trained:
         np.testing.assert_allclose(one[key].numpy(), two[key].numpy(), atol=1e-5, err_msg=key)
-    assert (tmp / "meta-1" / "metrics.csv").read_text().count("\n") == (
-        tmp / "meta-2" / "metrics.csv"
-    ).read_text().count("\n")
+    rows = [(tmp / f"meta-{n}-{ht}" / "metrics.csv").read_text().count("\n") for n in (1, 2)]
+    assert rows[0] == rows[1]
 
 
 def _column(path: Path, name: str) -> np.ndarray:

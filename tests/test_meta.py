@@ -57,7 +57,7 @@ def test_outer_update_moves_phi_and_theta_never_w(first_order: bool) -> None:
     scales = [c.scale.detach().clone() for c in convs]
     theta = trainer.learner.theta_weight.detach().clone()
     batch = TaskBatch.of([trainer.sampler.episode(i) for i in range(2)])
-    loss, acc, cls_loss = trainer.learn(batch, step_seed=0)
+    loss, acc, cls_loss = trainer.learn(batch, step_seed=0, total=2)
     assert np.isfinite(loss) and acc.shape == cls_loss.shape == (2, 3)
     assert all(torch.equal(w, c.weight) for w, c in zip(weights, convs, strict=True))
     assert all(c.weight.grad is None for c in convs)
@@ -68,7 +68,7 @@ def test_outer_update_moves_phi_and_theta_never_w(first_order: bool) -> None:
 def test_ft_theta_updates_only_theta() -> None:
     trainer = _trainer(method="ft-theta")
     before = {k: v.clone() for k, v in trainer.learner.backbone.state_dict().items()}
-    trainer.learn(TaskBatch.of([trainer.sampler.episode(i) for i in range(2)]), step_seed=0)
+    trainer.learn(TaskBatch.of([trainer.sampler.episode(i) for i in range(2)]), step_seed=0, total=2)
     after = trainer.learner.backbone.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
 

@@ -11,10 +11,14 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import TypeVar
 
+import numpy as np
 import torch
 import torch.distributed as torch_dist
 from torch import nn
+
+S = TypeVar("S", np.ndarray, torch.Tensor, list)
 
 
 @dataclass(frozen=True)
@@ -67,13 +71,23 @@ def broadcast_flag(value: bool) -> bool:
     return bool(t.item())
 
 
-def shard(items: torch.Tensor) -> torch.Tensor:
-    """This rank's contiguous share of a global batch whose length is a multiple of the world size."""
+def rank_share(items: S) -> S:
+    """This rank's contiguous share of `items` (an array, tensor or list), in order; shares differ by at most one."""
     ctx = context()
     if not ctx.active:
         return items
-    per = len(items) // ctx.world_size
-    return items[ctx.rank * per : (ctx.rank + 1) * per]
+    n = len(items)
+    return items[n * ctx.rank // ctx.world_size : n * (ctx.rank + 1) // ctx.world_size]
+
+
+def gather_rows(rows: np.ndarray) -> np.ndarray:
+    """Concatenate every rank's `rows` along axis 0, in rank order (the inverse of `rank_share`)."""
+    ctx = context()
+    if not ctx.active:
+        return rows
+    parts: list[np.ndarray | None] = [None] * ctx.world_size
+    torch_dist.all_gather_object(parts, rows)
+    return np.concatenate([p for p in parts if p is not None])
 
 
 def wrap_data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
@@ -94,18 +108,3 @@ def all_reduce_grads(params: list[torch.Tensor], world_weight: float = 1.0) -> N
         torch_dist.all_reduce(p.grad, op=torch_dist.ReduceOp.SUM)
         if world_weight != 1.0:
             p.grad.mul_(world_weight)
-
-
-def gather_array(values: torch.Tensor) -> torch.Tensor:
-    """Concatenate a 1-D tensor from every rank in rank order (all ranks get the result)."""
-    ctx = context()
-    if not ctx.active:
-        return values
-    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(ctx.world_size)]
-    torch_dist.all_gather(sizes, torch.tensor([len(values)], dtype=torch.int64))
-    longest = int(max(s.item() for s in sizes))
-    padded = torch.zeros(longest, dtype=values.dtype)
-    padded[: len(values)] = values
-    chunks = [torch.zeros(longest, dtype=values.dtype) for _ in range(ctx.world_size)]
-    torch_dist.all_gather(chunks, padded)
-    return torch.cat([c[: int(s.item())] for c, s in zip(chunks, sizes, strict=True)])

@@ -200,25 +200,33 @@ class MetaTrainer:
         self.yq = torch.arange(m.way, device=runtime.device).repeat_interleave(m.query)
         self.failures: Counter[int] = Counter()
 
-    def _images(self, rows: np.ndarray, gen: torch.Generator | None) -> torch.Tensor:
+    def _images(self, rows: np.ndarray, gen: torch.Generator) -> torch.Tensor:
         flat = rows.reshape(-1)
         x = to_float(
             torch.from_numpy(np.ascontiguousarray(self.train.images[flat])), self.pre.mean, self.pre.std
         )
         x = self.runtime.images(x)
-        return self.augment(x, generator=gen) if self.augment is not None and gen is not None else x
+        return self.augment(x, generator=gen) if self.augment is not None else x
 
     def _features(self, x: torch.Tensor, tasks: int) -> torch.Tensor:
         with self.runtime.autocast():
             f = self.learner.backbone(x)
         return f.float().reshape(tasks, -1, f.shape[-1])
 
-    def learn(self, batch: TaskBatch, step_seed: int) -> tuple[float, np.ndarray, np.ndarray]:
-        """One outer update on the tasks of `batch` (this rank's share of a meta-batch).
+    def learn(
+        self, batch: TaskBatch, step_seed: int, total: int, where: str = "meta-training"
+    ) -> tuple[float, np.ndarray, np.ndarray]:
+        """One outer update on the tasks of `batch`, this rank's share of an update over `total` tasks.
 
         Returns (mean query loss, per-class accuracy [T, way], per-class loss [T, way]).
         """
         t = len(batch)
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        self.opt.zero_grad(set_to_none=True)
+        if t == 0:  # fewer tasks than ranks (e.g. one hard task on two ranks): still join the all-reduce
+            dist.all_reduce_grads(params)
+            self.opt.step()
+            return float("nan"), np.zeros((0, self.m.way)), np.zeros((0, self.m.way))
         gen = torch.Generator(device=self.runtime.device).manual_seed(step_seed)
         self.learner.backbone.eval()  # BN keeps phase-1 statistics; its affine may still be meta-learned
         xs, xq = self._images(batch.support, gen), self._images(batch.query, gen)
@@ -235,11 +243,10 @@ class MetaTrainer:
         fq = self._features(xq, t)
         scores = logits(prepare(fq, self.loop), w, b, self.loop)
         loss = F.cross_entropy(scores.reshape(-1, self.m.way), yq.reshape(-1))
-        check_finite(loss, f"meta-training step seed {step_seed}")
-        self.opt.zero_grad(set_to_none=True)
-        # Scale so that summing over ranks gives the mean over the whole meta-batch.
-        (loss * t / self.m.meta_batch).backward() if dist.context().active else loss.backward()
-        dist.all_reduce_grads([p for g in self.opt.param_groups for p in g["params"]])
+        check_finite(loss, where)
+        # Each rank weighs its mean by its share of the tasks, so the all-reduced sum is the mean over all.
+        (loss * (t / total)).backward()
+        dist.all_reduce_grads(params)
         self.opt.step()
         with torch.no_grad():
             acc = per_class_accuracy(scores, yq, self.m.way).cpu().numpy()
@@ -252,7 +259,8 @@ class MetaTrainer:
             group["lr"] = base * factor
 
     def hard_batch(self, batch: TaskBatch, acc: np.ndarray, loss: np.ndarray, hard_done: int) -> TaskBatch:
-        """Hard tasks from a learned meta-batch's failure classes, with fresh images."""
+        """Hard tasks from a learned meta-batch's failure classes, with fresh images (the whole meta-batch:
+        under torchrun every rank passes the gathered tables and builds the same hard tasks)."""
         self.failures.update(int(c) for c in failure_classes(acc, loss, batch.classes))
         classes = hard_task_classes(acc, loss, batch.classes, self.m.way)
         seen: dict[int, set[int]] = {}
@@ -283,6 +291,10 @@ def meta_train(
     runtime = resolve_runtime(cfg)
     ctx = dist.context()
     m = cfg.meta
+    if m.meta_batch < ctx.world_size:
+        raise UserError(
+            f"meta.meta_batch={m.meta_batch} is smaller than the {ctx.world_size} ranks; raise it"
+        )
     source = pretrained / BACKBONE_FILE if pretrained.is_dir() else pretrained
     backbone, pre, _ = load_backbone(source)
     if pre.size != cfg.data.size:
@@ -328,16 +340,27 @@ def meta_train(
         while tasks_done < m.tasks:
             step = tasks_done // m.meta_batch
             trainer.set_lr(tasks_done)
-            ids = range(tasks_done, tasks_done + m.meta_batch)
-            mine = [i for k, i in enumerate(ids) if k % ctx.world_size == ctx.rank]
+            mine = dist.rank_share(list(range(tasks_done, tasks_done + m.meta_batch)))
             batch = TaskBatch.of([trainer.sampler.episode(i) for i in mine])
-            loss, acc, cls_loss = trainer.learn(batch, step_seed=cfg.seed * 1_000_003 + 2 * step)
+            loss, acc, cls_loss = trainer.learn(
+                batch,
+                step_seed=cfg.seed * 1_000_003 + 2 * step,
+                total=m.meta_batch,
+                where=f"meta-training task {tasks_done + 1}",
+            )
             losses.append(loss)
             accs.append(float(acc.mean()))
             tasks_done += m.meta_batch
             if m.ht.enabled and tasks_done > m.ht.start_after:
-                hard = trainer.hard_batch(batch, acc, cls_loss, hard_done)
-                trainer.learn(hard, step_seed=cfg.seed * 1_000_003 + 2 * step + 1)
+                whole = TaskBatch(*(dist.gather_rows(a) for a in (batch.classes, batch.support, batch.query)))
+                hard = trainer.hard_batch(whole, dist.gather_rows(acc), dist.gather_rows(cls_loss), hard_done)
+                share = TaskBatch(*(dist.rank_share(a) for a in (hard.classes, hard.support, hard.query)))
+                trainer.learn(
+                    share,
+                    step_seed=cfg.seed * 1_000_003 + 2 * step + 1,
+                    total=len(hard),
+                    where=f"hard task {hard_done + 1}",
+                )
                 hard_done += len(hard)
             speed.add(m.meta_batch)
             bar.update(m.meta_batch)

@@ -96,7 +96,7 @@ def meta_test(
         store, feats = features[s.split]
         sampler = EpisodeSampler(store, s.way, s.shot, s.query, s.seed)
         init = learner.frozen_init(s.way)
-        ids = np.arange(ctx.rank, s.episodes, ctx.world_size)  # episodes split across ranks under torchrun
+        ids = dist.rank_share(np.arange(s.episodes))  # episodes split across ranks under torchrun
         mine = evaluate_features(
             feats,
             sampler,
@@ -107,22 +107,13 @@ def meta_test(
             ids=ids,
             progress=progress and ctx.is_main,
         )
-        accs = _merge_ranks(ids, mine, s.episodes)
+        accs = dist.gather_rows(mine)
         mean, ci = confidence_interval(accs)
         result = TestResult(s, mean, ci, time.perf_counter() - t0, accs)
         results.append(result)
         if ctx.is_main:
             _save_result(run_dir, result, accs)
     return results
-
-
-def _merge_ranks(ids: np.ndarray, accs: np.ndarray, total: int) -> np.ndarray:
-    """Per-episode accuracies of all ranks, in episode order (identity in a single process)."""
-    all_ids = dist.gather_array(torch.from_numpy(ids)).numpy()
-    all_accs = dist.gather_array(torch.from_numpy(accs.astype(np.float64))).numpy()
-    out = np.empty(total)
-    out[all_ids] = all_accs
-    return out
 
 
 def _save_result(run_dir: Path, result: TestResult, accs: np.ndarray) -> None:

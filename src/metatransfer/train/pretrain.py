@@ -148,7 +148,7 @@ def pretrain(cfg: Config, out: Path, *, overwrite: bool = False, resume: bool | 
                 except StopIteration:
                     index_stream = batches(len(train), p.batch_size * ctx.world_size, gen)
                     idx = next(index_stream)
-                idx = dist.shard(idx)
+                idx = dist.rank_share(idx)
                 for group in opt.param_groups:
                     group["lr"] = lr_at(cfg, epoch + step / steps_per_epoch)
                 rows = np.sort(idx.numpy())  # sorted reads are kinder to a memory-mapped store
