@@ -1,0 +1,133 @@
+"""Does `mtl predict` agree with `mtl meta-test`? 20 fixed test episodes written out as folders.
+
+Usage: ``python benchmarks/predict_agreement.py RUN_DIR [--episodes 20] [--way 5] [--shot 1] [--query 15]
+[--data-root DIR] --out benchmarks/results/predict``.
+
+For each episode the support images go to ``support/<label>_<class>/`` and the queries to
+``query/``, exactly as a user would lay them out; `mtl predict` runs on the exported model as a
+separate process (timed end to end, imports included) and its top class is compared with the class
+meta-test's batched inner loop gives the same query over the same episode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from metatransfer.config import load_config
+from metatransfer.data.readers import resolve_root
+from metatransfer.data.sampler import EpisodeSampler
+from metatransfer.data.store import open_split
+from metatransfer.device import resolve_runtime
+from metatransfer.train.evaluate import classify, episode_labels, extract_features
+from metatransfer.train.meta import MODEL_FILE, inner_loop, load_meta_model
+
+
+def _save(image: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir")
+    parser.add_argument("--episodes", type=int, default=20)
+    parser.add_argument("--way", type=int, default=5)
+    parser.add_argument("--shot", type=int, default=1)
+    parser.add_argument("--query", type=int, default=15)
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--data-root")
+    parser.add_argument("--out", default="benchmarks/results/predict")
+    args = parser.parse_args()
+    run, out = Path(args.run_dir), Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = load_config(run / "config.yaml")
+    if args.data_root:
+        cfg = dataclasses.replace(
+            cfg, data=dataclasses.replace(cfg.data, root=str(resolve_root(cfg.data.dataset, args.data_root)))
+        )
+    store = open_split(cfg.data, args.split, progress=False)
+    sampler = EpisodeSampler(store, args.way, args.shot, args.query, cfg.eval.seed)
+    learner, pre, meta = load_meta_model(run / MODEL_FILE)
+    runtime = resolve_runtime(cfg)
+    runtime.model(learner)
+    episodes = [sampler.episode(i) for i in range(args.episodes)]
+    rows = np.unique(np.concatenate([np.concatenate([e.support, e.query]) for e in episodes]))
+    feats = torch.zeros(len(store), int(learner.backbone.out_dim))  # type: ignore[arg-type]
+    feats[torch.from_numpy(rows)] = extract_features(
+        learner.backbone, store, runtime, pre.mean, pre.std, indices=rows
+    )
+    model = out / "model.mtl"
+    subprocess.run(
+        [sys.executable, "-m", "metatransfer", "export", str(run), "--out", str(model)], check=True
+    )
+    same = total = 0
+    seconds = []
+    for i, e in enumerate(episodes):
+        xs, xq = feats[torch.from_numpy(e.support)][None], feats[torch.from_numpy(e.query)][None]
+        ys = episode_labels(args.way, args.shot, 1)
+        scores = classify(
+            xs, ys, xq, args.way, "linear", inner_loop(meta, test=True), learner.frozen_init(args.way)
+        )
+        expected = scores[0].argmax(-1).numpy()
+        folder = out / f"episode{i:02d}"
+        for j, idx in enumerate(e.support):
+            label = j // args.shot  # folder names sort in label order, as meta-test numbers the classes
+            _save(
+                store.images[idx],
+                folder
+                / "support"
+                / f"{label}_{store.classes[e.classes[label]].replace('/', '_')}"
+                / f"{j}.png",
+            )
+        for k, idx in enumerate(e.query):
+            _save(store.images[idx], folder / "query" / f"{k:03d}.png")
+        t0 = time.perf_counter()
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "metatransfer",
+                "predict",
+                str(model),
+                "--support",
+                str(folder / "support"),
+                "--query",
+                str(folder / "query"),
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        seconds.append(time.perf_counter() - t0)
+        answers = json.loads(done.stdout)
+        predicted = np.array(
+            [int(a["class"].split("_")[0]) for a in sorted(answers, key=lambda a: a["file"])]
+        )
+        same += int((predicted == expected).sum())
+        total += len(expected)
+    report = {
+        "episodes": args.episodes,
+        "queries": total,
+        "agree": same,
+        "agreement": same / total,
+        "predict_seconds_mean": float(np.mean(seconds)),
+        "predict_seconds_max": float(np.max(seconds)),
+    }
+    (out / "agreement.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
