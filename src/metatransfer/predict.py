@@ -45,12 +45,6 @@ EXPORT_FORMAT = "metatransfer-model"  # metadata "format" of an exported file
 EXPORT_VERSION = 1  # bump when the exported layout changes; `load` refuses newer versions
 
 
-def _reason(e: Exception) -> str:
-    from metatransfer.data.store import _reason as store_reason
-
-    return store_reason(e)
-
-
 def _hwc_uint8(a: np.ndarray, what: str) -> np.ndarray:
     """An image array -> [H, W, C] uint8 (C in 1, 3, 4), following the conventions documented on `FewShotLearner`."""
     import numpy as np
@@ -93,7 +87,9 @@ def image_array(image: ImageInput, pre: Preprocess, what: str = "image") -> np.n
         try:
             return decode_image(path.read_bytes(), pre.size, pre.channels)
         except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt data; all mean "bad image"
-            raise UserError(f"cannot read image {path}: {_reason(e)}; replace or remove it") from e
+            from metatransfer.data.store import decode_error_reason
+
+            raise UserError(f"cannot read image {path}: {decode_error_reason(e)}; replace or remove it") from e
     if isinstance(image, Image.Image):
         # The conversion decode_image would apply to the file's decoded image, then its resize.
         converted = np.asarray(image.convert("L" if pre.channels == 1 else "RGB"))

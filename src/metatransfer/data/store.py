@@ -170,14 +170,14 @@ def _decode_jobs(jobs: Sequence[_Job], out: np.ndarray, channels: int) -> list[t
         try:
             img = decode_image(job.source.load(), size, channels)
         except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt data; all mean "bad image"
-            bad.append(([row for row, _ in job.rows], BadImage(job.source.key, _reason(e))))
+            bad.append(([row for row, _ in job.rows], BadImage(job.source.key, decode_error_reason(e))))
             continue
         for row, turns in job.rows:
             out[row] = np.rot90(img, turns) if turns else img
     return bad
 
 
-def _reason(e: Exception) -> str:
+def decode_error_reason(e: Exception) -> str:
     """A short human reason for a decode failure (PIL's own messages embed object reprs)."""
     if isinstance(e, UnidentifiedImageError):
         return "not an image file"
