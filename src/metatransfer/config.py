@@ -62,6 +62,7 @@ class PretrainConfig:
     gamma: float = 0.1  # decay factor ("step")
     warmup_epochs: int = 0
     label_smoothing: float = 0.0
+    head: str = "linear"  # "linear" (paper) or "cosine" (normalised features and weights, learned scale)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     val_episodes: int = 200  # fixed 5-way val episodes per epoch, nearest class mean (cosine)
     val_shots: list[int] = field(default_factory=lambda: [1, 5])
@@ -133,6 +134,7 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.on_bad_image": ("fail", "skip"),
     "pretrain.schedule": ("cosine", "step"),
+    "pretrain.head": ("linear", "cosine"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "meta.method": ("mtl", "ss-last", "ft-last", "ft-theta"),
     "meta.bn": ("frozen", "train"),

@@ -50,15 +50,27 @@ STATE_FILE = "state.pt"
 
 
 class Classifier(nn.Module):
-    """Backbone Theta plus the linear head theta used only in phase 1 (discarded afterwards)."""
+    """Backbone Theta plus the head used only in phase 1 (discarded afterwards).
 
-    def __init__(self, backbone: nn.Module, num_classes: int) -> None:
+    head "linear" is the paper's; "cosine" scores normalised features against normalised class
+    weights with a learned scale (Chen et al. 2019, Baseline++), which clusters the features of a
+    class more tightly and so suits the cosine base learner and nearest-mean evaluation.
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, head: str = "linear") -> None:
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Linear(int(backbone.out_dim), num_classes)  # type: ignore[arg-type]
+        self.cosine = head == "cosine"
+        self.head = nn.Linear(int(backbone.out_dim), num_classes, bias=not self.cosine)  # type: ignore[arg-type]
+        self.scale = nn.Parameter(torch.tensor(10.0)) if self.cosine else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
+        f = self.backbone(x)
+        if self.scale is None:
+            return self.head(f)
+        return self.scale * F.linear(
+            F.normalize(f.float(), dim=-1), F.normalize(self.head.weight.float(), dim=-1)
+        )
 
 
 def lr_at(cfg: Config, progress: float) -> float:
@@ -103,7 +115,7 @@ def pretrain(cfg: Config, out: Path, *, overwrite: bool = False, resume: bool | 
     val = open_split(cfg.data, "val", progress=ctx.is_main)
     pre = preprocess_for(cfg, train.images.shape[-1])
     seed_everything(cfg.seed)
-    model = Classifier(build_backbone(cfg, pre.channels), train.num_classes)
+    model = Classifier(build_backbone(cfg, pre.channels), train.num_classes, cfg.pretrain.head)
     runtime.model(model)
     p = cfg.pretrain
     opt = torch.optim.SGD(
