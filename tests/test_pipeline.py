@@ -37,7 +37,7 @@ def test_run_writes_every_phase(tiny_run: tuple[Path, Path]) -> None:
     meta = out / "meta-1shot"
     assert (meta / "model.safetensors").exists()
     results = json.loads((meta / "results.json").read_text())
-    entry = results["test/3-way/1-shot"]
+    entry = results["test/3-way/1-shot/30-episodes/seed-0"]
     assert entry["episodes"] == 30
     per_episode = np.loadtxt(meta / "episodes-test-3way-1shot.csv", delimiter=",", skiprows=1)
     assert per_episode.shape == (30, 2)

@@ -41,7 +41,7 @@ class TestSetting:
 
     @property
     def key(self) -> str:
-        return f"{self.split}/{self.way}-way/{self.shot}-shot"
+        return f"{self.split}/{self.way}-way/{self.shot}-shot/{self.episodes}-episodes/seed-{self.seed}"
 
 
 @dataclass(frozen=True)
