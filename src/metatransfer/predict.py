@@ -89,7 +89,9 @@ def image_array(image: ImageInput, pre: Preprocess, what: str = "image") -> np.n
         except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt data; all mean "bad image"
             from metatransfer.data.store import decode_error_reason
 
-            raise UserError(f"cannot read image {path}: {decode_error_reason(e)}; replace or remove it") from e
+            raise UserError(
+                f"cannot read image {path}: {decode_error_reason(e)}; replace or remove it"
+            ) from e
     if isinstance(image, Image.Image):
         # The conversion decode_image would apply to the file's decoded image, then its resize.
         converted = np.asarray(image.convert("L" if pre.channels == 1 else "RGB"))
