@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from metatransfer.errors import ConfigError
@@ -232,3 +233,25 @@ def test_bad_choices_and_double_conversion() -> None:
     convert_to_ss(net)
     with pytest.raises(ValueError, match="already contains SSConv2d"):
         convert_to_ss(net)
+
+
+def test_training_path_scales_outputs_like_the_weight_path() -> None:
+    """With a scale gradient the filter-wise SS conv scales its output (cheaper backward); values and
+    gradients must equal those of the weight-scaled conv."""
+    torch.manual_seed(0)
+    ss = SSConv2d(nn.Conv2d(3, 5, 3, padding=1, bias=True), "filter")
+    with torch.no_grad():
+        ss.scale.uniform_(0.5, 1.5)
+        ss.shift.normal_()
+    x = torch.randn(2, 3, 7, 7)
+    y_train = ss(x)
+    with torch.no_grad():
+        y_eval = ss(x)
+    torch.testing.assert_close(y_train, y_eval, atol=1e-5, rtol=1e-5)
+    (y_train**2).sum().backward()
+    grad_scale = ss.scale.grad.clone()
+    scale = ss.scale.detach().clone().requires_grad_(True)
+    reference = F.conv2d(x, ss.weight * scale, ss.bias + ss.shift.detach(), padding=1)
+    (reference**2).sum().backward()
+    torch.testing.assert_close(grad_scale, scale.grad, atol=1e-4, rtol=1e-5)
+    assert ss.weight.grad is None

@@ -215,6 +215,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Handler = args.func
+    from metatransfer.device import keep_freed_memory
+
+    keep_freed_memory()
     try:
         code = handler(args)
     except UserError as exc:
