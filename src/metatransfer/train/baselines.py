@@ -27,7 +27,7 @@ from metatransfer.data.store import ImageStore, open_split
 from metatransfer.device import Runtime, resolve_runtime
 from metatransfer.errors import UserError
 from metatransfer.models.base_learner import InnerLoop
-from metatransfer.runs import atomic_write_text, is_finished, read_json
+from metatransfer.runs import atomic_write_text, is_finished, load_weights, read_json
 from metatransfer.train.common import BACKBONE_FILE, Preprocess, load_backbone
 from metatransfer.train.evaluate import confidence_interval, evaluate_features, extract_features
 from metatransfer.train.meta import MODEL_FILE, MetaLearner, load_meta_model, meta_train
@@ -51,6 +51,7 @@ class Row:
     ci95: float = float("nan")
     episodes: int = 0
     error: str = ""
+    kept: int = -1  # meta rows: tasks learned when the kept (best on val) model was saved; 0 = the start
 
 
 def _loop(cfg: Config, steps: int, lr: float, weight_decay: float = 0.0) -> InnerLoop:
@@ -173,6 +174,7 @@ def ablate(
                     summary = read_json(run_dir / "summary.json")
                     row.tasks = int(summary["tasks"]) + int(summary["hard_tasks"])
                     row.seconds = float(summary["seconds"])
+                    row.kept = int(load_weights(run_dir / MODEL_FILE)[1].get("tasks", -1))
                     accs = result.accuracies
                 row.accuracy, row.ci95 = confidence_interval(accs)
                 row.episodes = len(accs)
@@ -223,6 +225,7 @@ def write_tables(out: Path, rows: list[Row], shots: list[int]) -> None:
                 cells.append(
                     f"{100 * r.accuracy:.2f} ± {100 * r.ci95:.2f}"
                     + (f" ({r.episodes} ep.)" if r.episodes != rows[0].episodes else "")
+                    + (f" [kept at task {r.kept}]" if r.kept >= 0 else "")
                 )
         seconds = sum(r.seconds for r in mine.values())
         lines.append(
