@@ -105,9 +105,10 @@ def seed_everything(seed: int) -> None:
 
 
 def check_finite(loss: torch.Tensor, where: str) -> None:
-    if not math.isfinite(float(loss.detach())):
+    value = float(loss.detach())
+    if not math.isfinite(value):
         raise TrainingError(
-            f"loss became {float(loss)} at {where}; the last good checkpoint is kept. Lower the learning rate or use precision=fp32"
+            f"loss became {value} at {where}; the last good checkpoint is kept. Lower the learning rate or use precision=fp32"
         )
 
 
