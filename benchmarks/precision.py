@@ -11,13 +11,12 @@ table says whether the two accuracies lie within each other's 95% confidence int
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from pathlib import Path
 
 from metatransfer.config import load_config
-from metatransfer.data.readers import resolve_root
+from metatransfer.data.readers import with_data_root
 from metatransfer.data.sampler import EpisodeSampler
 from metatransfer.data.store import open_split
 from metatransfer.device import resolve_runtime
@@ -43,8 +42,7 @@ def main() -> None:
     rows = []
     for name, overrides in VARIANTS.items():
         cfg = load_config(args.config, [*overrides, f"pretrain.epochs={args.epochs}"])
-        root = resolve_root(cfg.data.dataset, args.data_root)
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(root)))
+        cfg = with_data_root(cfg, args.data_root)
         t0 = time.perf_counter()
         path = pretrain(cfg, out / name, overwrite=True)
         seconds = time.perf_counter() - t0

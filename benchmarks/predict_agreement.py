@@ -12,7 +12,6 @@ meta-test's batched inner loop gives the same query over the same episode.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 import subprocess
@@ -25,7 +24,7 @@ import torch
 from PIL import Image
 
 from metatransfer.config import load_config
-from metatransfer.data.readers import resolve_root
+from metatransfer.data.readers import with_data_root
 from metatransfer.data.sampler import EpisodeSampler
 from metatransfer.data.store import open_split
 from metatransfer.device import resolve_runtime
@@ -53,9 +52,7 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
     cfg = load_config(run / "config.yaml")
     if args.data_root:
-        cfg = dataclasses.replace(
-            cfg, data=dataclasses.replace(cfg.data, root=str(resolve_root(cfg.data.dataset, args.data_root)))
-        )
+        cfg = with_data_root(cfg, args.data_root)
     store = open_split(cfg.data, args.split, progress=False)
     sampler = EpisodeSampler(store, args.way, args.shot, args.query, cfg.eval.seed)
     learner, pre, meta = load_meta_model(run / MODEL_FILE)

@@ -21,12 +21,15 @@ Handler = Callable[[argparse.Namespace], int]
 def _config(args: argparse.Namespace) -> Config:
     """The config file (or defaults), then --set overrides, then --data-root mapped to the dataset folder."""
     cfg = load_config(getattr(args, "config", None), args.set or [])
-    if getattr(args, "data_root", None):
-        from metatransfer.data.readers import resolve_root
+    return _with_data_root(cfg, getattr(args, "data_root", None))
 
-        root = resolve_root(cfg.data.dataset, args.data_root)
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(root)))
-    return cfg
+
+def _with_data_root(cfg: Config, data_root: str | None) -> Config:
+    if not data_root:
+        return cfg
+    from metatransfer.data.readers import with_data_root
+
+    return with_data_root(cfg, data_root)
 
 
 def _out(args: argparse.Namespace, cfg: Config, phase: str) -> Path:
@@ -81,16 +84,7 @@ def cmd_meta_test(args: argparse.Namespace) -> int:
     from metatransfer.train.pipeline import TestSetting, meta_test, run_config
 
     run_dir = Path(args.run_dir)
-    overrides = list(args.set or [])
-    if args.data_root:
-        cfg = run_config(run_dir, overrides)
-        from metatransfer.data.readers import resolve_root
-
-        cfg = dataclasses.replace(
-            cfg, data=dataclasses.replace(cfg.data, root=str(resolve_root(cfg.data.dataset, args.data_root)))
-        )
-    else:
-        cfg = run_config(run_dir, overrides)
+    cfg = _with_data_root(run_config(run_dir, args.set or []), args.data_root)
     shot = args.shot if args.shot is not None else cfg.meta.shot
     setting = TestSetting(args.split, args.way, shot, args.query, args.episodes, args.seed)
     (result,) = meta_test(run_dir, [setting], cfg)

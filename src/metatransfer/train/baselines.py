@@ -29,7 +29,12 @@ from metatransfer.errors import UserError
 from metatransfer.models.base_learner import InnerLoop
 from metatransfer.runs import atomic_write_text, is_finished, load_weights, read_json
 from metatransfer.train.common import BACKBONE_FILE, Preprocess, load_backbone
-from metatransfer.train.evaluate import confidence_interval, evaluate_features, extract_features
+from metatransfer.train.evaluate import (
+    confidence_interval,
+    episode_labels,
+    evaluate_features,
+    extract_features,
+)
 from metatransfer.train.meta import MODEL_FILE, MetaLearner, load_meta_model, meta_train
 from metatransfer.train.pipeline import TestSetting, meta_test
 
@@ -97,8 +102,8 @@ def finetune_all(
         opt = torch.optim.SGD([*net.parameters(), *head.parameters()], lr=lr, momentum=0.9)
         xs = runtime.images(to_float(torch.from_numpy(store.images[e.support]), pre.mean, pre.std))
         xq = runtime.images(to_float(torch.from_numpy(store.images[e.query]), pre.mean, pre.std))
-        ys = torch.arange(sampler.way, device=runtime.device).repeat_interleave(sampler.shot)
-        yq = torch.arange(sampler.way, device=runtime.device).repeat_interleave(sampler.query)
+        ys = episode_labels(sampler.way, sampler.shot, 1, runtime.device)[0]
+        yq = episode_labels(sampler.way, sampler.query, 1, runtime.device)[0]
         for _ in range(steps):
             with runtime.autocast():
                 loss = F.cross_entropy(head(F.normalize(net(xs).float(), dim=-1) * 10.0), ys)

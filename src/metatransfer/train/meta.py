@@ -61,7 +61,12 @@ from metatransfer.train.common import (
     load_backbone,
     make_augment,
 )
-from metatransfer.train.evaluate import confidence_interval, evaluate_features, extract_features
+from metatransfer.train.evaluate import (
+    confidence_interval,
+    episode_labels,
+    evaluate_features,
+    extract_features,
+)
 from metatransfer.train.hard_tasks import failure_classes, hard_task_classes
 
 MODEL_FILE = "model.safetensors"  # the best on val (the start included)
@@ -196,8 +201,6 @@ class MetaTrainer:
         self.sampler = EpisodeSampler(train, m.way, m.shot, m.query, cfg.seed)
         self.loop = inner_loop(m)
         self.augment = make_augment(cfg, pre, runtime.device) if m.augment else None
-        self.ys = torch.arange(m.way, device=runtime.device).repeat_interleave(m.shot)
-        self.yq = torch.arange(m.way, device=runtime.device).repeat_interleave(m.query)
         self.failures: Counter[int] = Counter()
 
     def _images(self, rows: np.ndarray, gen: torch.Generator) -> torch.Tensor:
@@ -230,7 +233,11 @@ class MetaTrainer:
         gen = torch.Generator(device=self.runtime.device).manual_seed(step_seed)
         self.learner.backbone.eval()  # BN keeps phase-1 statistics; its affine may still be meta-learned
         xs, xq = self._images(batch.support, gen), self._images(batch.query, gen)
-        ys, yq = self.ys.expand(t, -1), self.yq.expand(t, -1)
+        device = self.runtime.device
+        ys, yq = (
+            episode_labels(self.m.way, self.m.shot, t, device),
+            episode_labels(self.m.way, self.m.query, t, device),
+        )
         w0 = self.learner.theta_weight.expand(t, -1, -1)
         b0 = self.learner.theta_bias.expand(t, -1)
         if self.m.first_order:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,7 @@ class TestResult:
         return format_accuracy(self.accuracy, self.ci95, s.episodes, s.way, s.shot, s.split)
 
 
-def run_config(run_dir: Path, overrides: list[str] = ()) -> Config:  # type: ignore[assignment]
+def run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Config:
     if not (run_dir / CONFIG_FILE).exists():
         raise UserError(
             f"{run_dir} is not a run directory (no {CONFIG_FILE}); pass the folder mtl meta-train wrote"

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from metatransfer.errors import DataError
+
+if TYPE_CHECKING:
+    from metatransfer.config import Config
 
 # Importing the reader modules registers them in READERS.
 from . import cifar, glyphs, image_folder, mini_imagenet, omniglot, tiered_imagenet  # noqa: F401
@@ -71,3 +75,9 @@ def resolve_root(dataset: str, data_root: str | Path) -> Path:
     if sub is not None and (root / sub).is_dir():
         return root / sub
     return root
+
+
+def with_data_root(cfg: Config, data_root: str | Path) -> Config:
+    """`cfg` with `data.root` set to the dataset's folder under the parent `data_root` (see `resolve_root`)."""
+    root = resolve_root(cfg.data.dataset, data_root)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(root)))
