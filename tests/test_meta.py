@@ -28,7 +28,9 @@ def _store(classes: int = 6, per_class: int = 10, size: int = 28) -> ImageStore:
     return ImageStore.from_offsets(images, offsets, [f"c{i}" for i in range(classes)], "train")
 
 
-def _trainer(first_order: bool = True, method: str = "mtl", **meta: object) -> MetaTrainer:
+def _trainer(
+    first_order: bool = True, method: str = "mtl", compile: bool = False, **meta: object
+) -> MetaTrainer:
     overrides = [
         f"meta.{k}={v}" for k, v in {"way": 3, "shot": 1, "query": 3, "meta_batch": 2, **meta}.items()
     ]
@@ -39,6 +41,7 @@ def _trainer(first_order: bool = True, method: str = "mtl", **meta: object) -> M
             f"meta.first_order={str(first_order).lower()}",
             f"meta.method={method}",
             "precision=fp32",
+            f"compile={str(compile).lower()}",
         ],
     )
     torch.manual_seed(0)
@@ -63,6 +66,43 @@ def test_outer_update_moves_phi_and_theta_never_w(first_order: bool) -> None:
     assert all(c.weight.grad is None for c in convs)
     assert any(not torch.equal(s, c.scale) for s, c in zip(scales, convs, strict=True))
     assert not torch.equal(theta, trainer.learner.theta_weight)
+
+
+def _two_updates(trainer: MetaTrainer) -> tuple[list[float], list[torch.Tensor]]:
+    losses = [
+        trainer.learn(TaskBatch.of([trainer.sampler.episode(2 * s + i) for i in range(2)]), s, 2)[0]
+        for s in range(2)
+    ]
+    return losses, [p.detach().clone() for p in trainer.learner.parameters()]
+
+
+def test_compiled_meta_training_matches_eager() -> None:
+    eager_losses, eager_params = _two_updates(_trainer())
+    compiled = _trainer(compile=True)
+    losses, params = _two_updates(compiled)
+    assert compiled._query_forward is not compiled.learner.backbone
+    assert compiled._query_forward._fn is not None  # type: ignore[attr-defined]  # really compiled, no fallback
+    np.testing.assert_allclose(losses, eager_losses, rtol=1e-4)
+    for p, q in zip(params, eager_params, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(module: torch.nn.Module) -> object:
+        def fail(x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("no C++ compiler found\nmore detail")
+
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken)
+    eager_losses, eager_params = _two_updates(_trainer())
+    with pytest.warns(
+        RuntimeWarning, match="torch.compile failed .RuntimeError: no C.. compiler found."
+    ) as record:
+        losses, params = _two_updates(_trainer(compile=True))
+    assert len(record) == 1  # warned once, then eager without retrying
+    assert losses == eager_losses
+    assert all(torch.equal(p, q) for p, q in zip(params, eager_params, strict=True))
 
 
 def test_ft_theta_updates_only_theta() -> None:

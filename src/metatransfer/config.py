@@ -123,6 +123,10 @@ class Config:
     precision: str = "auto"  # "auto" (bf16 on CPUs with bf16, fp16 AMP on CUDA), "fp32", "bf16", "fp16"
     channels_last: bool = True
     threads: int = 0  # torch intra-op threads on CPU (0 = leave torch's default)
+    # torch.compile the backbone's meta-training forward+backward: fuses SS, BatchNorm and activations
+    # (about 1.5x more tasks/s for ResNet-12 at 84 px on a CPU) for a one-time cost of about a minute.
+    # Needs a C++ compiler on CPU; if compiling fails the run warns once and goes on uncompiled.
+    compile: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)

@@ -10,7 +10,8 @@ import contextlib
 import ctypes
 import os
 import sys
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,7 @@ class Runtime:
     device: torch.device
     amp_dtype: torch.dtype | None  # None = full fp32
     channels_last: bool
+    compile: bool = False
 
     def autocast(self) -> contextlib.AbstractContextManager[None]:
         if self.amp_dtype is None:
@@ -65,9 +67,43 @@ class Runtime:
         module.to(self.device)
         return module.to(memory_format=torch.channels_last) if self.channels_last else module
 
+    def compiled(self, module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``module``'s forward, through ``torch.compile`` when this runtime compiles (else ``module`` itself).
+
+        The compiled function shares ``module``'s parameters and buffers; see `CompiledForward`.
+        """
+        return CompiledForward(module) if self.compile else module
+
     @property
     def precision(self) -> str:
         return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
+
+
+class CompiledForward:
+    """Calls ``torch.compile(module)``; if compiling fails (no C++ compiler, an unsupported op), warns once
+    and calls ``module`` eagerly from then on, so a run never dies of an optional speed-up.
+
+    The batch dimension becomes dynamic after the second distinct batch size, so a run compiles at
+    most twice (e.g. ordinary and hard-task meta-batches).
+    """
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+        self._fn: Callable[[torch.Tensor], torch.Tensor] | None = torch.compile(module)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fn is not None:
+            try:
+                return self._fn(x)
+            except Exception as exc:  # any compiler failure means "run eagerly"
+                warnings.warn(
+                    f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                    "continuing without it (set compile=false to skip the attempt)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                self._fn = None
+        return self.module(x)
 
 
 def resolve_runtime(cfg: Config) -> Runtime:
@@ -96,7 +132,7 @@ def resolve_runtime(cfg: Config) -> Runtime:
     if precision == "fp16" and device.type == "cpu":
         raise ConfigError("config key 'precision' is fp16, which CPUs do not run fast; use bf16 or fp32")
     amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return Runtime(device=device, amp_dtype=amp, channels_last=cfg.channels_last)
+    return Runtime(device=device, amp_dtype=amp, channels_last=cfg.channels_last, compile=cfg.compile)
 
 
 @contextlib.contextmanager

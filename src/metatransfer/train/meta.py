@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -201,6 +201,9 @@ class MetaTrainer:
         self.sampler = EpisodeSampler(train, m.way, m.shot, m.query, cfg.seed)
         self.loop = inner_loop(m)
         self.augment = make_augment(cfg, pre, runtime.device) if m.augment else None
+        # Only the query forward (the one with a backward) is compiled: it holds nearly all the time,
+        # and the small no-grad support forward would cost a compile of its own.
+        self._query_forward = runtime.compiled(learner.backbone)
         self.failures: Counter[int] = Counter()
 
     def _images(self, rows: np.ndarray, gen: torch.Generator) -> torch.Tensor:
@@ -211,9 +214,11 @@ class MetaTrainer:
         x = self.runtime.images(x)
         return self.augment(x, generator=gen) if self.augment is not None else x
 
-    def _features(self, x: torch.Tensor, tasks: int) -> torch.Tensor:
+    def _features(
+        self, x: torch.Tensor, tasks: int, forward: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> torch.Tensor:
         with self.runtime.autocast():
-            f = self.learner.backbone(x)
+            f = (forward or self.learner.backbone)(x)
         return f.float().reshape(tasks, -1, f.shape[-1])
 
     def learn(
@@ -247,7 +252,7 @@ class MetaTrainer:
         else:
             fs = self._features(xs, t)
             w, b = adapt(prepare(fs, self.loop), ys, w0, b0, self.loop)
-        fq = self._features(xq, t)
+        fq = self._features(xq, t, self._query_forward)
         scores = logits(prepare(fq, self.loop), w, b, self.loop)
         loss = F.cross_entropy(scores.reshape(-1, self.m.way), yq.reshape(-1))
         check_finite(loss, where)
