@@ -44,6 +44,7 @@ from metatransfer.data.sampler import Episode, EpisodeSampler
 from metatransfer.data.store import ImageStore
 from metatransfer.device import Runtime, resolve_runtime
 from metatransfer.models.backbones import create_backbone
+from metatransfer.models.scale_shift import convert_to_ss
 from metatransfer.train.common import Preprocess
 from metatransfer.train.evaluate import evaluate_features, extract_features
 from metatransfer.train.meta import MetaLearner, MetaTrainer, TaskBatch, inner_loop, prepare_backbone
@@ -86,6 +87,9 @@ class MetaTrainCase:
     net: Net
     reference_tasks: int  # timed, after one warm-up task
     project_batches: int  # timed meta-batches, after one warm-up meta-batch
+    # torch.compile as the matching config sets it: on for 84 px (configs/mini-imagenet.yaml), where it
+    # fuses the memory-bound SS/BN/activation passes; off for small inputs, where it did not pay.
+    compile: bool = False
 
 
 @dataclass(frozen=True)
@@ -115,7 +119,7 @@ RESNET12 = "resnet12"
 FULL = Plan(
     meta_batch=4,
     meta_train=(
-        MetaTrainCase(Net(RESNET12, 84), reference_tasks=2, project_batches=2),
+        MetaTrainCase(Net(RESNET12, 84), reference_tasks=2, project_batches=2, compile=True),
         MetaTrainCase(Net(RESNET12, 32), reference_tasks=4, project_batches=3),
         MetaTrainCase(Net("conv4", 28, channels=1), reference_tasks=8, project_batches=4),
     ),
@@ -209,10 +213,17 @@ def random_store(
     return ImageStore.from_offsets(images, offsets, [f"class{c:03d}" for c in range(classes)], split)
 
 
-def project_runtime(threads: int, meta: MetaConfig | None = None) -> tuple[Config, Runtime]:
+def project_runtime(
+    threads: int, meta: MetaConfig | None = None, compile: bool = False
+) -> tuple[Config, Runtime]:
     """The project's default runtime on this machine (precision "auto": bf16 where the CPU has it)."""
     cfg = Config(
-        device="cpu", precision="auto", channels_last=True, threads=threads, meta=meta or MetaConfig()
+        device="cpu",
+        precision="auto",
+        channels_last=True,
+        threads=threads,
+        compile=compile,
+        meta=meta or MetaConfig(),
     )
     return cfg, resolve_runtime(cfg)
 
@@ -248,9 +259,17 @@ def meta_config(meta_batch: int) -> MetaConfig:
 def reference_learner(
     backbone: nn.Module, learner: MetaLearner, meta: MetaConfig
 ) -> tuple[nn.Module, list[torch.Tensor], torch.optim.Optimizer]:
-    """The original's model: an fp32, contiguous copy of the SS backbone and theta = [W, b] (same values),
-    with the original's Adam over the SS parameters and theta."""
+    """The original's model from the pre-trained ``backbone`` (not yet in SS form): an fp32, contiguous
+    copy with the original's SS convolutions and theta = [W, b] (the learner's values), with the
+    original's Adam over the SS parameters and theta.
+
+    The original (``Conv2dMtl``) scales kernel-wise and multiplies the scale into the weight,
+    ``conv(x, W * s)``, so its backward runs the weight-gradient convolution; ``granularity="kernel"``
+    is exactly that form. The project scales filter-wise (the paper's choice) and applies the scale to
+    the conv output, which skips that convolution.
+    """
     encoder = copy.deepcopy(backbone).float().to(memory_format=torch.contiguous_format).eval()
+    convert_to_ss(encoder, layers="all", granularity="kernel", train_bn=meta.bn == "train")
     theta: list[torch.Tensor] = [
         nn.Parameter(learner.theta_weight.detach().clone()),
         nn.Parameter(learner.theta_bias.detach().clone()),
@@ -263,11 +282,12 @@ def reference_learner(
 def meta_models(
     net: Net, meta: MetaConfig, runtime: Runtime
 ) -> tuple[MetaLearner, nn.Module, list[torch.Tensor], torch.optim.Optimizer]:
-    """The project's MetaLearner (SS backbone, on the runtime) and the reference's copy of the same weights."""
-    backbone = net.build()
+    """The project's MetaLearner (SS backbone, on the runtime) and the reference's model of the same weights."""
+    pretrained = net.build()
+    backbone = copy.deepcopy(pretrained)
     prepare_backbone(backbone, meta)
     learner = MetaLearner(backbone, WAY)
-    encoder, theta, opt = reference_learner(backbone, learner, meta)
+    encoder, theta, opt = reference_learner(pretrained, learner, meta)
     runtime.model(learner)
     return learner, encoder, theta, opt
 
@@ -278,7 +298,7 @@ def bench_meta_train(plan: Plan, threads: int) -> list[Row]:
 
 
 def meta_train_case(case: MetaTrainCase, meta: MetaConfig, threads: int) -> Row:
-    cfg, runtime = project_runtime(threads, meta)
+    cfg, runtime = project_runtime(threads, meta, compile=case.compile)
     net = case.net
     store = random_store(16, QUERY + SHOT + 4, net.size, net.channels, "train")
     pre = preprocess(net)
@@ -300,7 +320,7 @@ def meta_train_case(case: MetaTrainCase, meta: MetaConfig, threads: int) -> Row:
         f"{case.project_batches} project meta-batches of {meta.meta_batch}, interleaved"
     )
     reference_task(tasks[0])
-    project_batch(0)
+    warm_up_s = clock(project_batch, [0])  # includes torch.compile's one-time cost, if compiling
     ref_s, proj_s = alternate(reference_task, tasks[1:], project_batch, range(1, case.project_batches + 1))
     ref_rate, proj_rate = case.reference_tasks / ref_s, case.project_batches * meta.meta_batch / proj_s
     log(f"  reference {ref_rate:.3f} tasks/s, project {proj_rate:.3f} tasks/s")
@@ -311,7 +331,12 @@ def meta_train_case(case: MetaTrainCase, meta: MetaConfig, threads: int) -> Row:
         ref_rate,
         proj_rate,
         f"reference: {case.reference_tasks} tasks, one per Adam step; project: MetaTrainer.learn, "
-        f"{case.project_batches} meta-batches of {meta.meta_batch} tasks ({runtime.precision}, first-order)",
+        f"{case.project_batches} meta-batches of {meta.meta_batch} tasks ({runtime.precision}, first-order"
+        + (
+            f", torch.compile: one-time {warm_up_s:.0f} s for compiling and the first meta-batch, not counted)"
+            if case.compile
+            else ", eager)"
+        ),
     )
 
 
