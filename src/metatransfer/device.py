@@ -96,8 +96,9 @@ class CompiledForward:
             try:
                 return self._fn(x)
             except Exception as exc:  # any compiler failure means "run eagerly"
+                first_line = next(iter(str(exc).splitlines()), "")
                 warnings.warn(
-                    f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                    f"torch.compile failed ({type(exc).__name__}: {first_line}); "
                     "continuing without it (set compile=false to skip the attempt)",
                     RuntimeWarning,
                     stacklevel=2,
@@ -107,7 +108,7 @@ class CompiledForward:
 
 
 def resolve_runtime(cfg: Config) -> Runtime:
-    """Turn `device`, `precision`, `channels_last` and `threads` into a Runtime (and apply threads)."""
+    """Turn `device`, `precision`, `channels_last`, `threads` and `compile` into a Runtime (and apply threads)."""
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     if cfg.device == "auto":
