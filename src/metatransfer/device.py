@@ -83,8 +83,8 @@ class CompiledForward:
     """Calls ``torch.compile(module)``; if compiling fails (no C++ compiler, an unsupported op), warns once
     and calls ``module`` eagerly from then on, so a run never dies of an optional speed-up.
 
-    The batch dimension becomes dynamic after the second distinct batch size, so a run compiles at
-    most twice (e.g. ordinary and hard-task meta-batches).
+    After the second distinct batch size torch makes the batch dimension dynamic, so further sizes
+    (hard-task or last meta-batches) mostly reuse that graph; a batch of one image is compiled apart.
     """
 
     def __init__(self, module: torch.nn.Module) -> None:
