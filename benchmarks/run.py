@@ -46,7 +46,7 @@ from metatransfer.device import Runtime, resolve_runtime
 from metatransfer.models.backbones import create_backbone
 from metatransfer.models.scale_shift import convert_to_ss
 from metatransfer.train.common import Preprocess
-from metatransfer.train.evaluate import evaluate_features, extract_features
+from metatransfer.train.evaluate import episode_labels, evaluate_features, extract_features
 from metatransfer.train.meta import MetaLearner, MetaTrainer, TaskBatch, inner_loop, prepare_backbone
 from metatransfer.train.pretrain import Classifier
 
@@ -240,8 +240,7 @@ def episode_tensors(
     def images(rows: np.ndarray) -> torch.Tensor:
         return to_float(torch.from_numpy(np.ascontiguousarray(store.images[rows])), pre.mean, pre.std)
 
-    ys = torch.arange(WAY).repeat_interleave(SHOT)
-    yq = torch.arange(WAY).repeat_interleave(QUERY)
+    ys, yq = episode_labels(WAY, SHOT, 1)[0], episode_labels(WAY, QUERY, 1)[0]
     return images(episode.support), ys, images(episode.query), yq
 
 
@@ -324,6 +323,11 @@ def meta_train_case(case: MetaTrainCase, meta: MetaConfig, threads: int) -> Row:
     ref_s, proj_s = alternate(reference_task, tasks[1:], project_batch, range(1, case.project_batches + 1))
     ref_rate, proj_rate = case.reference_tasks / ref_s, case.project_batches * meta.meta_batch / proj_s
     log(f"  reference {ref_rate:.3f} tasks/s, project {proj_rate:.3f} tasks/s")
+    mode = (
+        f"torch.compile: one-time {warm_up_s:.0f} s for compiling and the first meta-batch, not counted"
+        if case.compile
+        else "eager"
+    )
     return Row(
         "meta-train",
         f"meta-train {net.label}, {WAY}-way {SHOT}-shot {QUERY}q, {INNER_STEPS} inner steps",
@@ -331,12 +335,7 @@ def meta_train_case(case: MetaTrainCase, meta: MetaConfig, threads: int) -> Row:
         ref_rate,
         proj_rate,
         f"reference: {case.reference_tasks} tasks, one per Adam step; project: MetaTrainer.learn, "
-        f"{case.project_batches} meta-batches of {meta.meta_batch} tasks ({runtime.precision}, first-order"
-        + (
-            f", torch.compile: one-time {warm_up_s:.0f} s for compiling and the first meta-batch, not counted)"
-            if case.compile
-            else ", eager)"
-        ),
+        f"{case.project_batches} meta-batches of {meta.meta_batch} tasks ({runtime.precision}, first-order, {mode})",
     )
 
 

@@ -215,10 +215,12 @@ class MetaTrainer:
         return self.augment(x, generator=gen) if self.augment is not None else x
 
     def _features(
-        self, x: torch.Tensor, tasks: int, forward: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self, forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tasks: int
     ) -> torch.Tensor:
+        """Images [tasks * n, C, H, W] through `forward` (the backbone, or its compiled query forward) ->
+        float32 features [tasks, n, d]."""
         with self.runtime.autocast():
-            f = (forward or self.learner.backbone)(x)
+            f = forward(x)
         return f.float().reshape(tasks, -1, f.shape[-1])
 
     def learn(
@@ -247,12 +249,12 @@ class MetaTrainer:
         b0 = self.learner.theta_bias.expand(t, -1)
         if self.m.first_order:
             with torch.no_grad():  # the support branch needs no graph in the first-order mode
-                fs = self._features(xs, t)
+                fs = self._features(self.learner.backbone, xs, t)
             w, b = adapt_first_order(prepare(fs, self.loop), ys, w0, b0, self.loop)
         else:
-            fs = self._features(xs, t)
+            fs = self._features(self.learner.backbone, xs, t)
             w, b = adapt(prepare(fs, self.loop), ys, w0, b0, self.loop)
-        fq = self._features(xq, t, self._query_forward)
+        fq = self._features(self._query_forward, xq, t)
         scores = logits(prepare(fq, self.loop), w, b, self.loop)
         loss = F.cross_entropy(scores.reshape(-1, self.m.way), yq.reshape(-1))
         check_finite(loss, where)
