@@ -112,7 +112,10 @@ class EvalConfig:
     shots: list[int] = field(default_factory=lambda: [1, 5])
     query: int = 15
     episodes: int = 600
-    seed: int = 0  # evaluation episodes depend only on this seed (not on the training seed)
+    seed: int = 0  # reported episodes depend only on this seed (not on the training seed)
+    # Episodes that choose anything (pre-training epoch, meta checkpoint, update-theta's grid, sweeps)
+    # come from this other seed, so no reported number is computed on episodes that selected it.
+    selection_seed: int = 1
 
 
 @dataclass
@@ -261,6 +264,11 @@ def build_config(layers: Iterable[Mapping[str, Any]] = (), overrides: Iterable[s
         merged = _merge(merged, _nest(path, value))
     cfg: Config = _build(Config, merged)
     _check_choices(cfg)
+    if cfg.eval.selection_seed == cfg.eval.seed:
+        raise ConfigError(
+            f"eval.selection_seed and eval.seed are both {cfg.eval.seed}: the episodes that choose a model "
+            "must differ from the reported ones; give them different seeds"
+        )
     return cfg
 
 

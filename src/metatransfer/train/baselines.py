@@ -71,7 +71,7 @@ def logreg_loop(cfg: Config) -> InnerLoop:
 
 def choose_theta_loop(cfg: Config, feats: torch.Tensor, store: ImageStore, shot: int) -> InnerLoop:
     """Pick (steps, lr) for a fresh linear classifier on 200 episodes of another seed than the report's."""
-    sampler = EpisodeSampler(store, cfg.eval.ways[0], shot, cfg.eval.query, cfg.eval.seed + 1)
+    sampler = EpisodeSampler(store, cfg.eval.ways[0], shot, cfg.eval.query, cfg.eval.selection_seed)
     scored = []
     for steps, lr in THETA_GRID:
         loop = _loop(cfg, steps, lr)

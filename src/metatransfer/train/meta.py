@@ -321,7 +321,7 @@ def meta_train(
     learner = MetaLearner(backbone, m.way)
     runtime.model(learner)
     trainer = MetaTrainer(cfg, learner, train, pre, runtime)
-    val_sampler = EpisodeSampler(val, m.way, m.shot, m.query, cfg.eval.seed)
+    val_sampler = EpisodeSampler(val, m.way, m.shot, m.query, cfg.eval.selection_seed)
     run = RunDir.open(out, cfg, overwrite=overwrite, resume=resume, lock=ctx.is_main) if ctx.is_main else None
     tasks_done = hard_done = 0
     best = -1.0
