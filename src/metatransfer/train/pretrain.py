@@ -122,7 +122,9 @@ def pretrain(cfg: Config, out: Path, *, overwrite: bool = False, resume: bool | 
         model.parameters(), lr=p.lr, momentum=p.momentum, nesterov=p.nesterov, weight_decay=p.weight_decay
     )
     augment = make_augment(cfg, pre, runtime.device)
-    validate = FewShotValidator(val, pre, p.val_shots, p.val_episodes, cfg.eval.selection_seed, cfg.eval.query)
+    validate = FewShotValidator(
+        val, pre, p.val_shots, p.val_episodes, cfg.eval.selection_seed, cfg.eval.query
+    )
     run = RunDir.open(out, cfg, overwrite=overwrite, resume=resume, lock=ctx.is_main) if ctx.is_main else None
     start_epoch, best = 0, -1.0
     resuming = dist.broadcast_flag(run.resuming if run else False)
