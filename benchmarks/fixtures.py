@@ -21,10 +21,10 @@ from metatransfer.data.sampler import Episode
 from metatransfer.data.store import ImageStore
 from metatransfer.device import Runtime, resolve_runtime
 from metatransfer.models.backbones import create_backbone
+from metatransfer.models.meta_learner import MetaLearner, prepare_backbone
 from metatransfer.models.scale_shift import convert_to_ss
 from metatransfer.train.common import Preprocess
 from metatransfer.train.evaluate import episode_labels
-from metatransfer.train.meta import MetaLearner, prepare_backbone
 
 WAY, SHOT, QUERY = 5, 1, 15
 PRETRAIN_CLASSES = 64  # miniImageNet's train split

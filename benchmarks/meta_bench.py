@@ -27,8 +27,9 @@ from fixtures import (
 )
 from metatransfer.data.sampler import EpisodeSampler
 from metatransfer.data.store import ImageStore
+from metatransfer.models.meta_learner import inner_loop
 from metatransfer.train.evaluate import evaluate_features, extract_features
-from metatransfer.train.meta import MetaTrainer, TaskBatch, inner_loop
+from metatransfer.train.meta import MetaTrainer, TaskBatch
 
 # Run as a script, so this folder is on sys.path and reference.py imports as a top-level module.
 from reference import reference_meta_task, reference_test_episode

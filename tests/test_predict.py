@@ -17,11 +17,11 @@ from metatransfer import cli
 from metatransfer.config import Config, MetaConfig, to_yaml
 from metatransfer.errors import UserError
 from metatransfer.models.backbones import create_backbone
+from metatransfer.models.meta_learner import MODEL_FILE, MetaLearner, prepare_backbone, save_meta_model
 from metatransfer.models.scale_shift import SSConv2d
 from metatransfer.predict import EXPORT_FORMAT, add_commands, export_model, load
 from metatransfer.runs import CONFIG_FILE, load_weights
 from metatransfer.train.common import Preprocess
-from metatransfer.train.meta import MODEL_FILE, MetaLearner, prepare_backbone, save_meta_model
 
 CLASSES = ["ant", "bee", "cat", "dog", "eel"]
 
@@ -174,6 +174,35 @@ def test_export_matches_run(run: Path, episode: tuple[Path, Path], tmp_path: Pat
     np.testing.assert_allclose(
         load(run / MODEL_FILE).fit(*support_set(support)).predict_proba(queries), p_run, atol=0
     )
+
+
+def test_export_never_replaces_a_run_file_and_needs_overwrite(
+    episode: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    run = make_run(tmp_path / "run", channels=1)
+    model = (run / MODEL_FILE).read_bytes()
+    for target, problem in (
+        (run / MODEL_FILE, "is a file of the run"),
+        (run / CONFIG_FILE, "is a file of the run"),
+        (tmp_path, "is a folder"),
+    ):
+        assert mtl(["export", str(run), "--out", str(target), "--overwrite"], monkeypatch) == 2
+        err = capsys.readouterr().err.strip()
+        assert problem in err and "\n" not in err
+    assert (run / MODEL_FILE).read_bytes() == model
+    load(run)  # still usable
+    existing = tmp_path / "model.mtl"
+    existing.write_bytes(b"an older export")
+    assert mtl(["export", str(run), "--out", str(existing)], monkeypatch) == 2
+    assert "--overwrite" in capsys.readouterr().err and existing.read_bytes() == b"an older export"
+    assert mtl(["export", str(run), "--out", str(existing), "--overwrite"], monkeypatch) == 0
+    assert load_weights(existing)[1]["format"] == EXPORT_FORMAT
+    # An export written into the run folder is not one of the run's files: it may be replaced.
+    assert mtl(["export", str(run), "--out", str(run / "model.mtl")], monkeypatch) == 0
+    assert mtl(["export", str(run), "--out", str(run / "model.mtl"), "--overwrite"], monkeypatch) == 0
 
 
 @pytest.mark.parametrize("method", ["ss-last", "ft-last"])
