@@ -46,6 +46,7 @@ from gpu_sections import (
     pretrain_section,
 )
 from meta_bench import MetaTestCase, MetaTrainCase
+from report import add_only, only
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_NET = Net("resnet12", 84, args={"widths": PAPER_WIDTHS})
@@ -191,14 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--budget-s", type=float, help="seconds for all sections (default 420; the smoke's 60)"
     )
-    parser.add_argument(
-        "--only", default=",".join(SECTIONS), help=f"comma-separated subset of {', '.join(SECTIONS)}"
-    )
+    add_only(parser, list(SECTIONS))
     args = parser.parse_args(argv)
-    only = [s.strip() for s in args.only.split(",") if s.strip()]
-    unknown = sorted(set(only) - set(SECTIONS))
-    if unknown:
-        parser.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+    sections = only(parser, args.only, list(SECTIONS))
     if not args.cpu_smoke and not torch.cuda.is_available():
         parser.error("no CUDA device here; run with --cpu-smoke to check the script at toy sizes on the CPU")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -208,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     data_root = None if args.cpu_smoke else (args.data_root or default_data_root())
     check = Check(target, SMOKE if args.cpu_smoke else GPU, args.out, data_root)
     budget = args.budget_s or (60 if args.cpu_smoke else 420)
-    payload = run_check(check, budget, args.cpu_smoke, [s for s in SECTIONS if s in only])
+    payload = run_check(check, budget, args.cpu_smoke, sections)
     print(markdown(payload))
     return 0
 

@@ -5,10 +5,13 @@ figures later sections need (peaks, rates) also go into ``check.measured``.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -28,6 +31,7 @@ from pretrain_bench import (
 )
 from timing import Row
 
+T = TypeVar("T")
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mini-imagenet.yaml"
 
 
@@ -74,6 +78,15 @@ def part(results: dict[str, Any], name: str, fn: Any) -> None:
         results[name] = {"status": "skipped", "reason": str(s)}
     except Exception as exc:  # one broken part must not cost the rest of the lent time
         results[name] = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+
+
+def compile_fallback(fn: Callable[[], T]) -> tuple[T, str | None]:
+    """fn()'s result, and the warning CompiledForward gives where compiling failed and it ran eagerly."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fn()
+    failed = [str(w.message) for w in caught if "torch.compile failed" in str(w.message)]
+    return out, failed[0] if failed else None
 
 
 def device_section(check: Check) -> dict[str, Any]:
@@ -166,8 +179,12 @@ def pretrain_section(check: Check) -> dict[str, Any]:
             note = "Pretrainer.step with its forward swapped for CompiledForward: phase 1 does not compile on its own (compile: true reaches meta-training only)"
         if not flops:
             flops.append(flops_per_image(trainer.model, net, device))
-        warm_s, images_s = step_rate(trainer, batches, plan.pretrain_warm_up)
+        (warm_s, images_s), fallback = compile_fallback(
+            lambda: step_rate(trainer, batches, plan.pretrain_warm_up)
+        )
         out: dict[str, Any] = {"images_per_s": images_s, "warm_up_s": warm_s, "how": note}
+        if fallback:
+            out["error"] = f"ran eagerly: {fallback}"
         peak_name = "bf16" if precision == "bf16" else ("tf32" if "tf32" in peaks else "fp32")
         if peak_name in peaks:
             gflops = images_s * flops[0] / 1e9
@@ -203,16 +220,10 @@ def meta_train_section(check: Check) -> dict[str, Any]:
     plan = check.plan
     results: dict[str, Any] = {}
     for shot in (1, 5):
-        case = MetaTrainCase(
-            plan.meta_train.net,
-            plan.meta_train.meta_batch,
-            plan.meta_train.inner_steps,
-            plan.meta_train.compile,
-            shot,
-        )
+        case = dataclasses.replace(plan.meta_train, shot=shot)
 
         def run(case: MetaTrainCase = case) -> dict[str, Any]:
-            result = meta_train(case, check.target, plan.meta_rounds)
+            result, fallback = compile_fallback(lambda: meta_train(case, check.target, plan.meta_rounds))
             check.measured.setdefault("meta_step_s", {})[case.shot] = result.step_s
             check.measured.setdefault("meta_warm_up_s", {})[case.shot] = result.warm_up_s
             return {
@@ -220,7 +231,7 @@ def meta_train_section(check: Check) -> dict[str, Any]:
                 "figure": result.row.figure,
                 "warm_up_s": result.warm_up_s,
                 "step_s": result.step_s,
-            }
+            } | ({"error": f"the compiled step ran eagerly: {fallback}"} if fallback else {})
 
         part(results, f"{shot}shot", run)
     return results

@@ -150,19 +150,18 @@ def pretrain_row(case: PretrainCase, target: Target, rounds: int) -> tuple[Row, 
 
 def flop_rows(row: Row, flops: float, peaks: tuple[float, float], precision: str) -> list[Row]:
     """GFLOP/s rows from a pre-train row's images/s: achieved, and as % of each path's own matmul peak
-    (the reference's fp32 peak; the project's bf16 peak when it runs bf16)."""
-    peak32, peak16 = peaks
-    own = peak16 if precision == "bf16" else peak32
+    (``peaks``: the reference's fp32 one, the one of the project's ``precision``)."""
+    peak32, own = peaks
     ref_g = tuple(r * flops / 1e9 for r in row.reference)
     proj_g = tuple(p * flops / 1e9 for p in row.project)
     base = row.figure.replace("pre-train ", "")
     return [
         Row(
             "flops",
-            "matmul peak (torch.mm), fp32 / bf16",
+            f"matmul peak (torch.mm), fp32 / {precision}",
             "GFLOP/s",
             (peak32,),
-            (peak16,),
+            (own,),
             "best of runs before and after the steps",
             ratio=False,
         ),
@@ -180,7 +179,7 @@ def flop_rows(row: Row, flops: float, peaks: tuple[float, float], precision: str
             "%",
             tuple(100 * g / peak32 for g in ref_g),
             tuple(100 * g / own for g in proj_g),
-            f"reference vs the fp32 peak, project vs the {precision if precision == 'bf16' else 'fp32'} peak",
+            f"reference vs the fp32 peak, project vs the {precision} peak",
             ratio=False,
         ),
     ]

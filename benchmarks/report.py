@@ -3,6 +3,7 @@ speed-ups set against the previous run written to the same folder (are they hold
 
 from __future__ import annotations
 
+import argparse
 import platform
 import statistics
 from collections.abc import Mapping, Sequence
@@ -12,6 +13,21 @@ from typing import Any
 from timing import Row
 
 STEADY = 0.15  # two runs' speed-up medians this close (relative) count as the same figure
+
+
+def add_only(parser: argparse.ArgumentParser, sections: Sequence[str]) -> None:
+    parser.add_argument(
+        "--only", default=",".join(sections), help=f"comma-separated subset of {', '.join(sections)}"
+    )
+
+
+def only(parser: argparse.ArgumentParser, text: str, sections: Sequence[str]) -> list[str]:
+    """The sections named in ``text``, in run order; a usage error names any unknown one."""
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = sorted(set(names) - set(sections))
+    if unknown:
+        parser.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(sections)}")
+    return [s for s in sections if s in names]
 
 
 def cpu_name() -> str:
