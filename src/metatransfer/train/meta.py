@@ -23,9 +23,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from metatransfer import distributed as dist
+from metatransfer import progress
 from metatransfer.config import Config, MetaConfig
 from metatransfer.data.augment import to_float
 from metatransfer.data.sampler import Episode, EpisodeSampler
@@ -43,8 +43,8 @@ from metatransfer.models.base_learner import (
     prepare,
 )
 from metatransfer.models.scale_shift import convert_to_ss, describe_trainable, last_stage_prefix
+from metatransfer.monitor import RunLog
 from metatransfer.runs import (
-    MetricsLog,
     RunDir,
     atomic_write_text,
     load_state,
@@ -332,9 +332,13 @@ def meta_train(
         trainer.opt.load_state_dict(state["optimizer"])
         tasks_done, hard_done, best = int(state["tasks"]), int(state["hard"]), float(state["best"])
         trainer.failures = Counter({int(k): int(v) for k, v in state["failures"].items()})
-    log = MetricsLog(out / "metrics.csv", resume=resuming, keep_until=tasks_done) if run else None
+    log = (
+        RunLog(out, resume=resuming, keep_until=tasks_done, tensorboard=cfg.logging.tensorboard)
+        if run
+        else None
+    )
     if ctx.is_main:
-        print(
+        progress.note(
             f"meta-training '{m.method}' {m.way}-way {m.shot}-shot, {m.tasks} tasks in meta-batches of {m.meta_batch}"
             f"{' + hard tasks' if m.ht.enabled else ''}; {describe_trainable(learner)}"
         )
@@ -342,12 +346,14 @@ def meta_train(
         val_acc, val_ci = trainer.validate(val, val_sampler, m.val_episodes)
         assert log is not None
         log.append({"step": 0, "tasks": 0, "hard_tasks": 0, "val_acc": val_acc, "val_ci": val_ci})
-        tqdm.write(f"before meta-training: val {100 * val_acc:.2f} ± {100 * val_ci:.2f}%")
+        progress.note(f"before meta-training: val {100 * val_acc:.2f} ± {100 * val_ci:.2f}%")
         # The starting point competes too: the kept model is never worse on val than no meta-training.
         best = val_acc
         save_meta_model(out / MODEL_FILE, learner, cfg, pre, tasks="0")
     speed = Throughput()
-    bar = tqdm(total=m.tasks, initial=tasks_done, desc="meta-train", unit="task", disable=not ctx.is_main)
+    bar = progress.track(
+        m.tasks, f"meta-train {m.shot}-shot", "task", initial=tasks_done, enabled=ctx.is_main
+    )
     try:
         losses: list[float] = []
         accs: list[float] = []
@@ -377,11 +383,11 @@ def meta_train(
                 )
                 hard_done += len(hard)
             speed.add(m.meta_batch)
-            bar.update(m.meta_batch)
-            bar.set_postfix(
-                loss=f"{np.mean(losses[-50:]):.3f}",
-                acc=f"{np.mean(accs[-50:]):.3f}",
-                tasks_s=f"{speed.rate:.2f}",
+            bar.update(
+                m.meta_batch,
+                loss=float(np.mean(losses[-50:])),
+                acc=float(np.mean(accs[-50:])),
+                tasks_s=speed.rate,
             )
             if tasks_done % m.val_every < m.meta_batch or tasks_done >= m.tasks:
                 if ctx.is_main:
@@ -416,8 +422,8 @@ def meta_train(
                         },
                     )
                     top = ", ".join(f"{train.classes[c]}x{n}" for c, n in trainer.failures.most_common(10))
-                    tqdm.write(
-                        f"tasks {tasks_done} (+{hard_done} hard): query acc {100 * np.mean(accs):.1f}%, "
+                    progress.note(
+                        f"tasks {tasks_done}/{m.tasks} (+{hard_done} hard): query acc {100 * np.mean(accs):.1f}%, "
                         f"val {100 * val_acc:.2f} ± {100 * val_ci:.2f}%"
                         + (f"; top failure classes: {top}" if top else "")
                     )
@@ -434,6 +440,8 @@ def meta_train(
         write_json(out / "summary.json", summary)
         run.finish(summary)
         run.close()
+    if log is not None:
+        log.close()
     return out / MODEL_FILE
 
 

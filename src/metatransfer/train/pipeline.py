@@ -18,6 +18,7 @@ from metatransfer.data.sampler import EpisodeSampler
 from metatransfer.data.store import open_split
 from metatransfer.device import resolve_runtime
 from metatransfer.errors import UserError
+from metatransfer.report import write_report
 from metatransfer.runs import CONFIG_FILE, atomic_write_text, is_finished, read_json, write_json
 from metatransfer.train.evaluate import (
     confidence_interval,
@@ -159,6 +160,7 @@ def run_all(cfg: Config, out: Path, *, overwrite: bool = False) -> list[TestResu
             out / "summary.json",
             [{**dataclasses.asdict(r.setting), "accuracy": r.accuracy, "ci95": r.ci95} for r in results],
         )
+        print(f"report: {write_report(out)}")
     return results
 
 

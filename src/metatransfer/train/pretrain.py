@@ -17,16 +17,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from metatransfer import distributed as dist
+from metatransfer import progress
 from metatransfer.config import Config
 from metatransfer.data.augment import to_float
 from metatransfer.data.sampler import EpisodeSampler
 from metatransfer.data.store import ImageStore, open_split
 from metatransfer.device import Runtime, resolve_runtime
+from metatransfer.monitor import RunLog
 from metatransfer.runs import (
-    MetricsLog,
     RunDir,
     load_state,
     save_state,
@@ -122,7 +122,9 @@ def pretrain(cfg: Config, out: Path, *, overwrite: bool = False, resume: bool | 
         model.parameters(), lr=p.lr, momentum=p.momentum, nesterov=p.nesterov, weight_decay=p.weight_decay
     )
     augment = make_augment(cfg, pre, runtime.device)
-    validate = FewShotValidator(val, pre, p.val_shots, p.val_episodes, cfg.eval.selection_seed, cfg.eval.query)
+    validate = FewShotValidator(
+        val, pre, p.val_shots, p.val_episodes, cfg.eval.selection_seed, cfg.eval.query
+    )
     run = RunDir.open(out, cfg, overwrite=overwrite, resume=resume, lock=ctx.is_main) if ctx.is_main else None
     start_epoch, best = 0, -1.0
     resuming = dist.broadcast_flag(run.resuming if run else False)
@@ -132,12 +134,16 @@ def pretrain(cfg: Config, out: Path, *, overwrite: bool = False, resume: bool | 
         opt.load_state_dict(state["optimizer"])
         start_epoch, best = int(state["epoch"]) + 1, float(state["best"])
     trainer = dist.wrap_data_parallel(model, runtime.device)
-    log = MetricsLog(out / "metrics.csv", resume=resuming, keep_until=start_epoch) if run else None
+    log = (
+        RunLog(out, resume=resuming, keep_until=start_epoch, tensorboard=cfg.logging.tensorboard)
+        if run
+        else None
+    )
     per_epoch = p.images_per_epoch or len(train)
     steps_per_epoch = max(per_epoch // (p.batch_size * ctx.world_size), 1)
     if ctx.is_main:
         n_params = sum(t.numel() for t in model.backbone.parameters())
-        print(
+        progress.note(
             f"pre-training {cfg.model.backbone} ({n_params:,} parameters) on {train.num_classes} classes, "
             f"{len(train)} images at {pre.size}px; {p.epochs} epochs x {steps_per_epoch} steps, "
             f"{runtime.device.type} {runtime.precision}"
@@ -149,8 +155,8 @@ def pretrain(cfg: Config, out: Path, *, overwrite: bool = False, resume: bool | 
         model.train()
         speed = Throughput()
         loss_sum = correct = seen = 0.0
-        bar = tqdm(
-            total=steps_per_epoch, desc=f"epoch {epoch + 1}/{p.epochs}", disable=not ctx.is_main, unit="step"
+        bar = progress.track(
+            steps_per_epoch, f"pretrain epoch {epoch + 1}/{p.epochs}", "step", enabled=ctx.is_main
         )
         try:
             index_stream = batches(len(train), p.batch_size * ctx.world_size, gen)
@@ -180,10 +186,7 @@ def pretrain(cfg: Config, out: Path, *, overwrite: bool = False, resume: bool | 
                 correct += float((scores.argmax(1) == y).sum())
                 seen += len(y)
                 speed.add(len(y) * ctx.world_size)
-                bar.update(1)
-                bar.set_postfix(
-                    loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", img_s=f"{speed.rate:.0f}"
-                )
+                bar.update(1, loss=loss_sum / seen, acc=correct / seen, img_s=round(speed.rate))
         finally:
             bar.close()
         train_time = speed.elapsed
@@ -211,8 +214,8 @@ def pretrain(cfg: Config, out: Path, *, overwrite: bool = False, resume: bool | 
             state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "best": best}
             save_state(out / STATE_FILE, state)
             shots = "  ".join(f"{s}-shot {100 * row[f'val_{s}shot']:.2f}%" for s in p.val_shots)
-            tqdm.write(
-                f"epoch {epoch + 1}: loss {row['train_loss']:.3f}, train acc {100 * row['train_acc']:.1f}%, "
+            progress.note(
+                f"epoch {epoch + 1}/{p.epochs}: loss {row['train_loss']:.3f}, train acc {100 * row['train_acc']:.1f}%, "
                 f"val 5-way {shots} (nearest mean), {speed.rate:.0f} img/s"
             )
         dist.barrier()
@@ -221,4 +224,6 @@ def pretrain(cfg: Config, out: Path, *, overwrite: bool = False, resume: bool | 
         write_json(out / "summary.json", summary)
         run.finish(summary)
         run.close()
+    if log is not None:
+        log.close()
     return out / BACKBONE_FILE
