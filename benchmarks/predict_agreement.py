@@ -28,8 +28,8 @@ from metatransfer.data.readers import with_data_root
 from metatransfer.data.sampler import EpisodeSampler
 from metatransfer.data.store import open_split
 from metatransfer.device import resolve_runtime
+from metatransfer.models.meta_learner import MODEL_FILE, inner_loop, load_meta_model
 from metatransfer.train.evaluate import classify, episode_labels, extract_features
-from metatransfer.train.meta import MODEL_FILE, inner_loop, load_meta_model
 
 
 def _save(image: np.ndarray, path: Path) -> None:

@@ -44,10 +44,11 @@ from metatransfer.data.sampler import Episode, EpisodeSampler
 from metatransfer.data.store import ImageStore
 from metatransfer.device import Runtime, resolve_runtime
 from metatransfer.models.backbones import create_backbone
+from metatransfer.models.meta_learner import MetaLearner, inner_loop, prepare_backbone
 from metatransfer.models.scale_shift import convert_to_ss
 from metatransfer.train.common import Preprocess
 from metatransfer.train.evaluate import episode_labels, evaluate_features, extract_features
-from metatransfer.train.meta import MetaLearner, MetaTrainer, TaskBatch, inner_loop, prepare_backbone
+from metatransfer.train.meta import MetaTrainer, TaskBatch
 from metatransfer.train.pretrain import Classifier
 
 # Run as a script, so this folder is on sys.path and reference.py imports as a top-level module.

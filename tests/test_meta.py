@@ -14,9 +14,10 @@ from metatransfer.config import load_config
 from metatransfer.data.store import ImageStore
 from metatransfer.device import resolve_runtime
 from metatransfer.models.backbones import create_backbone
+from metatransfer.models.meta_learner import MetaLearner, prepare_backbone
 from metatransfer.models.scale_shift import SSConv2d
 from metatransfer.train.common import Preprocess
-from metatransfer.train.meta import HARD_SALT, MetaLearner, MetaTrainer, TaskBatch, prepare_backbone
+from metatransfer.train.meta import HARD_SALT, MetaTrainer, TaskBatch
 
 from tiny import write_config, write_pattern_folder
 

@@ -17,11 +17,11 @@ from metatransfer import cli
 from metatransfer.config import Config, MetaConfig, to_yaml
 from metatransfer.errors import UserError
 from metatransfer.models.backbones import create_backbone
+from metatransfer.models.meta_learner import MODEL_FILE, MetaLearner, prepare_backbone, save_meta_model
 from metatransfer.models.scale_shift import SSConv2d
 from metatransfer.predict import EXPORT_FORMAT, add_commands, export_model, load
 from metatransfer.runs import CONFIG_FILE, load_weights
 from metatransfer.train.common import Preprocess
-from metatransfer.train.meta import MODEL_FILE, MetaLearner, prepare_backbone, save_meta_model
 
 CLASSES = ["ant", "bee", "cat", "dog", "eel"]
 

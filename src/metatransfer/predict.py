@@ -35,8 +35,8 @@ if TYPE_CHECKING:
 
     from metatransfer.config import MetaConfig
     from metatransfer.device import Runtime
+    from metatransfer.models.meta_learner import MetaLearner
     from metatransfer.train.common import Preprocess
-    from metatransfer.train.meta import MetaLearner
 
     ImageInput = str | os.PathLike[str] | Image.Image | np.ndarray | torch.Tensor
     Images = Sequence[ImageInput] | np.ndarray | torch.Tensor
@@ -214,8 +214,8 @@ class FewShotLearner:
         import numpy as np
         import torch
 
+        from metatransfer.models.meta_learner import inner_loop
         from metatransfer.train.evaluate import classify
-        from metatransfer.train.meta import inner_loop
 
         if self._support is None:
             raise UserError("call fit(support_images, support_labels) before predicting")
@@ -251,8 +251,8 @@ def load(
     from metatransfer.card import build_card, card_from_metadata
     from metatransfer.config import CHOICES, Config
     from metatransfer.device import resolve_runtime
+    from metatransfer.models.meta_learner import MODEL_FILE, load_meta_model
     from metatransfer.runs import load_weights
-    from metatransfer.train.meta import MODEL_FILE, load_meta_model
 
     path = Path(model)
     if path.is_dir():
@@ -298,8 +298,8 @@ def _from_export(
 
     from metatransfer.config import MetaConfig
     from metatransfer.models.backbones import create_backbone
+    from metatransfer.models.meta_learner import MetaLearner
     from metatransfer.train.common import Preprocess
-    from metatransfer.train.meta import MetaLearner
 
     version = int(info.get("format_version", "0"))
     if version > EXPORT_VERSION:
@@ -336,9 +336,9 @@ def export_model(run: str | os.PathLike[str], out: str | os.PathLike[str]) -> Pa
     `format`/`format_version`, the run's `precision` and the model `card`. Returns the written path.
     """
     from metatransfer.card import CARD_KEY, build_card, now_iso
+    from metatransfer.models.meta_learner import MODEL_FILE, load_meta_model
     from metatransfer.models.scale_shift import fold_ss
     from metatransfer.runs import load_weights, save_weights
-    from metatransfer.train.meta import MODEL_FILE, load_meta_model
 
     source = Path(run)
     if source.is_dir():

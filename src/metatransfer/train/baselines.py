@@ -26,6 +26,7 @@ from metatransfer.data.store import ImageStore, open_split
 from metatransfer.device import Runtime, resolve_runtime
 from metatransfer.errors import UserError
 from metatransfer.models.base_learner import InnerLoop
+from metatransfer.models.meta_learner import MODEL_FILE, MetaLearner, load_meta_model
 from metatransfer.progress import track
 from metatransfer.runs import atomic_write_text, is_finished, load_weights, read_json
 from metatransfer.train.common import BACKBONE_FILE, Preprocess, load_backbone
@@ -35,7 +36,7 @@ from metatransfer.train.evaluate import (
     evaluate_features,
     extract_features,
 )
-from metatransfer.train.meta import MODEL_FILE, MetaLearner, load_meta_model, meta_train
+from metatransfer.train.meta import meta_train
 from metatransfer.train.pipeline import TestSetting, meta_test
 
 META_METHODS = ("ft-theta", "ft-last", "ss-last", "mtl", "mtl-ht")

@@ -12,7 +12,6 @@ from a checkpoint continues exactly as an uninterrupted one.
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -22,19 +21,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from metatransfer import distributed as dist
 from metatransfer import progress
-from metatransfer.config import Config, MetaConfig
+from metatransfer.config import Config
 from metatransfer.data.augment import to_float
 from metatransfer.data.sampler import Episode, EpisodeSampler
 from metatransfer.data.store import ImageStore, open_split
 from metatransfer.device import Runtime, resolve_runtime
 from metatransfer.errors import UserError
-from metatransfer.models.backbones import create_backbone
 from metatransfer.models.base_learner import (
-    InnerLoop,
     adapt,
     adapt_first_order,
     logits,
@@ -42,15 +38,20 @@ from metatransfer.models.base_learner import (
     per_class_loss,
     prepare,
 )
-from metatransfer.models.scale_shift import convert_to_ss, describe_trainable, last_stage_prefix
+from metatransfer.models.meta_learner import (
+    MODEL_FILE,
+    MetaLearner,
+    inner_loop,
+    prepare_backbone,
+    save_meta_model,
+)
+from metatransfer.models.scale_shift import describe_trainable
 from metatransfer.monitor import RunLog
 from metatransfer.runs import (
     RunDir,
     atomic_write_text,
     load_state,
-    load_weights,
     save_state,
-    save_weights,
     write_json,
 )
 from metatransfer.train.common import (
@@ -69,92 +70,9 @@ from metatransfer.train.evaluate import (
 )
 from metatransfer.train.hard_tasks import failure_classes, hard_task_classes
 
-MODEL_FILE = "model.safetensors"  # the best on val (the start included)
 LAST_FILE = "last.safetensors"  # the end of meta-training
 STATE_FILE = "state.pt"
 HARD_SALT = 1  # hard tasks draw from their own episode stream, so HT leaves ordinary tasks unchanged
-
-
-class MetaLearner(nn.Module):
-    """The adapted network: backbone (SS form for mtl/ss-last) plus theta, the classifier initialisation."""
-
-    def __init__(self, backbone: nn.Module, way: int) -> None:
-        super().__init__()
-        self.backbone = backbone
-        dim = int(backbone.out_dim)  # type: ignore[arg-type]
-        # Zeros: the first inner step then moves each row towards its class's support mean.
-        self.theta_weight = nn.Parameter(torch.zeros(way, dim))
-        self.theta_bias = nn.Parameter(torch.zeros(way))
-
-    def init_for(self, way: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """theta for a `way`-class task; another way than trained uses the mean row for every class
-        (labels are assigned at random in meta-training, so rows are exchangeable)."""
-        if way == self.theta_weight.shape[0]:
-            return self.theta_weight, self.theta_bias
-        return (
-            self.theta_weight.mean(0, keepdim=True).expand(way, -1),
-            self.theta_bias.mean().expand(way),
-        )
-
-    @torch.no_grad()
-    def frozen_init(self, way: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """`init_for(way)` as plain fp32 CPU tensors, for meta-test over cached features."""
-        w, b = self.init_for(way)
-        return w.detach().float().cpu(), b.detach().float().cpu()
-
-
-def prepare_backbone(backbone: nn.Module, meta: MetaConfig) -> list[nn.Parameter]:
-    """Apply the method's adaptation to a pre-trained backbone; returns the outer-loop parameters of it.
-
-    mtl: SS on every conv; ss-last: SS on the last stage; ft-last: the last stage's own weights are
-    meta-learned (parameter-level fine-tuning); ft-theta: backbone frozen, only theta is meta-learned.
-    """
-    train_bn = meta.bn == "train"
-    if meta.method in ("mtl", "ss-last"):
-        layers = "all" if meta.method == "mtl" else "last"
-        convert_to_ss(backbone, layers=layers, granularity=meta.ss_granularity, train_bn=train_bn)
-    else:
-        backbone.requires_grad_(False)
-        if meta.method == "ft-last":
-            backbone.get_submodule(last_stage_prefix(backbone)).requires_grad_(True)
-    return [p for p in backbone.parameters() if p.requires_grad]
-
-
-def inner_loop(meta: MetaConfig, test: bool = False) -> InnerLoop:
-    return InnerLoop(
-        steps=meta.inner_steps_test if test else meta.inner_steps,
-        lr=meta.inner_lr,
-        temperature=meta.temperature,
-        normalize=meta.normalize_features,
-    )
-
-
-def save_meta_model(path: Path, learner: MetaLearner, cfg: Config, pre: Preprocess, **extra: str) -> None:
-    meta = {
-        "backbone": cfg.model.backbone,
-        "backbone_args": json.dumps(cfg.model.backbone_args),
-        "preprocess": pre.to_json(),
-        "meta": json.dumps({k: v for k, v in vars(cfg.meta).items() if k != "ht"}),
-        "dataset": cfg.data.dataset,
-        **extra,
-    }
-    save_weights(path, learner.state_dict(), meta)
-
-
-def load_meta_model(path: Path) -> tuple[MetaLearner, Preprocess, MetaConfig]:
-    """Rebuild a meta-trained learner from `model.safetensors`: (learner in eval mode, preprocessing, meta config)."""
-    tensors, info = load_weights(path)
-    if "meta" not in info:
-        raise UserError(
-            f"{path} is not a meta-trained model (no 'meta' metadata); pass a meta-train run directory"
-        )
-    meta = MetaConfig(**json.loads(info["meta"]))
-    pre = Preprocess.from_json(info["preprocess"])
-    backbone = create_backbone(info["backbone"], pre.channels, **json.loads(info["backbone_args"]))
-    prepare_backbone(backbone, meta)
-    learner = MetaLearner(backbone, meta.way)
-    learner.load_state_dict(tensors)
-    return learner.eval(), pre, meta
 
 
 @dataclass

@@ -18,6 +18,7 @@ from metatransfer.data.sampler import EpisodeSampler
 from metatransfer.data.store import open_split
 from metatransfer.device import resolve_runtime
 from metatransfer.errors import UserError
+from metatransfer.models.meta_learner import MODEL_FILE, inner_loop, load_meta_model
 from metatransfer.report import write_report
 from metatransfer.runs import CONFIG_FILE, atomic_write_text, is_finished, read_json, write_json
 from metatransfer.train.evaluate import (
@@ -26,7 +27,7 @@ from metatransfer.train.evaluate import (
     extract_features,
     format_accuracy,
 )
-from metatransfer.train.meta import MODEL_FILE, inner_loop, load_meta_model, meta_train
+from metatransfer.train.meta import meta_train
 from metatransfer.train.pretrain import pretrain
 
 RESULTS_FILE = "results.json"
