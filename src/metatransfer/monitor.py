@@ -26,9 +26,13 @@ TENSORBOARD_HINT = (
 )
 
 
+def tensorboard_installed() -> bool:
+    return importlib.util.find_spec("tensorboard") is not None
+
+
 def require_tensorboard() -> None:
     """Raise UserError (one line, exit 2 in the CLI) when the tensorboard package is missing."""
-    if importlib.util.find_spec("tensorboard") is None:
+    if not tensorboard_installed():
         raise UserError(TENSORBOARD_HINT)
 
 
