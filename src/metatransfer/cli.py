@@ -91,7 +91,7 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
 
 
 def cmd_meta_test(args: argparse.Namespace) -> int:
-    from metatransfer.train.pipeline import TestSetting, meta_test, run_config
+    from metatransfer.train.meta_test import TestSetting, meta_test, run_config
 
     run_dir = Path(args.run_dir)
     cfg = _with_data_root(run_config(run_dir, args.set or []), args.data_root)

@@ -132,17 +132,15 @@ class RunDir:
         *,
         overwrite: bool = False,
         resume: bool | None = None,
-        lock: bool = True,
     ) -> RunDir:
         """Create or reopen the run folder `path` for `cfg`; `resume=None` resumes automatically."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        handle = _acquire_lock(path) if lock else None
+        handle = _acquire_lock(path)
         try:
             resuming = cls._prepare(path, cfg, overwrite=overwrite, resume=resume)
         except BaseException:
-            if handle is not None:
-                handle.close()
+            handle.close()
             raise
         return cls(path, handle, resuming)
 

@@ -37,7 +37,7 @@ from metatransfer.train.evaluate import (
     extract_features,
 )
 from metatransfer.train.meta import meta_train
-from metatransfer.train.pipeline import TestSetting, meta_test
+from metatransfer.train.meta_test import TestSetting, meta_test
 
 META_METHODS = ("ft-theta", "ft-last", "ss-last", "mtl", "mtl-ht")
 FEATURE_METHODS = ("ncm", "logreg", "update-theta")
@@ -88,11 +88,13 @@ def finetune_all(
     runtime: Runtime,
     sampler: EpisodeSampler,
     episodes: int,
+    temperature: float,
     steps: int = 20,
     lr: float = 0.01,
 ) -> np.ndarray:
     """`update-all`: per episode, fine-tune a copy of the whole network plus a new linear head on the
-    support set (SGD, BN statistics fixed), then score the queries. [episodes] accuracies."""
+    support set (SGD, BN statistics fixed), then score the queries. The head scores L2-normalised
+    features times `temperature`, as the meta base learner does. [episodes] accuracies."""
     accs = []
     bar = track(episodes, "update-all", "ep", leave=False)
     for i in range(episodes):
@@ -108,12 +110,12 @@ def finetune_all(
         yq = episode_labels(sampler.way, sampler.query, 1, runtime.device)[0]
         for _ in range(steps):
             with runtime.autocast():
-                loss = F.cross_entropy(head(F.normalize(net(xs).float(), dim=-1) * 10.0), ys)
+                loss = F.cross_entropy(head(F.normalize(net(xs).float(), dim=-1) * temperature), ys)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         with torch.no_grad(), runtime.autocast():
-            pred = head(F.normalize(net.eval()(xq).float(), dim=-1) * 10.0).argmax(-1)
+            pred = head(F.normalize(net.eval()(xq).float(), dim=-1) * temperature).argmax(-1)
         accs.append(float((pred == yq).float().mean()))
         bar.update(1)
     bar.close()
@@ -168,7 +170,13 @@ def ablate(
                     row.trainable = 0 if method == "ncm" else way * (feats.shape[1] + 1)
                 elif method == "update-all":
                     accs = finetune_all(
-                        backbone, store, pre, runtime, sampler, min(episodes, update_all_episodes)
+                        backbone,
+                        store,
+                        pre,
+                        runtime,
+                        sampler,
+                        min(episodes, update_all_episodes),
+                        cfg.meta.temperature,
                     )
                     row.trainable = sum(p.numel() for p in backbone.parameters()) + way * (feats.shape[1] + 1)
                 else:

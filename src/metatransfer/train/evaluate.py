@@ -1,4 +1,5 @@
-"""Phase 3, meta-test: adapt the base learner on thousands of episodes over cached features.
+"""Few-shot episodes over cached features: the engine of meta-test (phase 3, `meta_test.py`) and of
+the validations of phases 1 and 2.
 
 Phi is fixed at test time, so every image's feature is computed once (eval mode) and each episode
 only gathers rows of that [N, d] matrix. The inner loops of many episodes then run as one batched

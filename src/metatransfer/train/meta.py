@@ -54,14 +54,7 @@ from metatransfer.runs import (
     save_state,
     write_json,
 )
-from metatransfer.train.common import (
-    BACKBONE_FILE,
-    Preprocess,
-    Throughput,
-    check_finite,
-    load_backbone,
-    make_augment,
-)
+from metatransfer.train.common import BACKBONE_FILE, Preprocess, load_backbone
 from metatransfer.train.evaluate import (
     confidence_interval,
     episode_labels,
@@ -69,6 +62,7 @@ from metatransfer.train.evaluate import (
     extract_features,
 )
 from metatransfer.train.hard_tasks import failure_classes, hard_task_classes
+from metatransfer.train.loop import Throughput, check_finite, make_augment
 
 LAST_FILE = "last.safetensors"  # the end of meta-training
 STATE_FILE = "state.pt"
@@ -240,7 +234,7 @@ def meta_train(
     runtime.model(learner)
     trainer = MetaTrainer(cfg, learner, train, pre, runtime)
     val_sampler = EpisodeSampler(val, m.way, m.shot, m.query, cfg.eval.selection_seed)
-    run = RunDir.open(out, cfg, overwrite=overwrite, resume=resume, lock=ctx.is_main) if ctx.is_main else None
+    run = RunDir.open(out, cfg, overwrite=overwrite, resume=resume) if ctx.is_main else None
     tasks_done = hard_done = 0
     best = -1.0
     resuming = dist.broadcast_flag(run.resuming if run else False)
