@@ -147,3 +147,26 @@ def test_a_terminal_gets_a_bar_and_a_pipe_gets_lines() -> None:
     assert piped.stdout.decode() == "epoch 1/1: done\n"
     forced = _run(subprocess.PIPE, {progress.ENV_VAR: "off"})
     assert forced.stderr == b"" and forced.stdout == b""
+
+
+def test_quiet_silences_a_command_and_only_that_command(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from metatransfer import cli
+
+    seen: list[str] = []
+
+    def fake(args: object) -> int:
+        seen.append(progress.mode())
+        progress.note("epoch 1/1: a note")
+        print("result")
+        return 0
+
+    monkeypatch.setattr(cli, "cmd_datasets", fake)
+    for argv in (["--quiet", "datasets"], ["datasets", "--quiet"], ["datasets"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        assert exit_info.value.code == 0
+    assert seen == ["off", "off", "lines"]  # captured stderr is not a terminal
+    assert capsys.readouterr().out == "result\nresult\nepoch 1/1: a note\nresult\n"
+    assert progress.mode() == "lines"

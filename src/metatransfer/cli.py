@@ -309,14 +309,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     handler: Handler = args.func
     from metatransfer import progress
-
-    if args.quiet:
-        progress.set_mode("off")
     from metatransfer.device import keep_freed_memory
 
     keep_freed_memory()
     try:
-        code = handler(args)
+        with progress.forced("off" if args.quiet else None):
+            code = handler(args)
     except UserError as exc:
         if args.debug:
             raise

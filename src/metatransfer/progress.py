@@ -13,10 +13,11 @@ never one line per refresh. `off` prints neither bars, status lines nor notes (r
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Protocol
 
 from metatransfer.errors import UserError
@@ -34,6 +35,18 @@ def set_mode(mode: str | None) -> None:
         raise UserError(f"progress mode {mode!r} is not one of {', '.join(MODES)}")
     global _override
     _override = mode
+
+
+@contextlib.contextmanager
+def forced(mode: str | None) -> Iterator[None]:
+    """`set_mode(mode)` inside the block (None: leave the mode alone), the previous mode after it."""
+    previous = _override
+    if mode is not None:
+        set_mode(mode)
+    try:
+        yield
+    finally:
+        set_mode(previous)
 
 
 def mode() -> str:

@@ -247,6 +247,7 @@ def draw_curves(phases: Sequence[Phase]) -> bytes:
     fig, grid = plt.subplots(len(phases), 2, figsize=(11, 3.6 * len(phases)), dpi=110, squeeze=False)
     try:
         for phase, axes in zip(phases, grid, strict=True):
+            axes[0].sharex(axes[1])  # loss and accuracy of a phase on the same epochs / tasks
             if phase.kind == "pretrain":
                 _draw_pretrain(axes, phase.rows)
             else:
