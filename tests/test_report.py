@@ -14,7 +14,7 @@ from metatransfer import __version__, monitor
 from metatransfer.cli import main
 from metatransfer.config import Config, to_yaml
 from metatransfer.report import build_report, render_markdown
-from metatransfer.runs import MetricsLog, save_weights, write_json
+from metatransfer.runs import MetricsLog, claim_folder, remove_our_files, save_weights, write_json
 
 
 def _config(path: Path, **meta: object) -> None:
@@ -144,6 +144,7 @@ def test_report_of_a_folder_without_runs_is_one_line(
 def test_runlog_redraws_curves_and_writes_tensorboard_scalars(tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    claim_folder(tmp_path)
     _config(tmp_path)
     log = monitor.RunLog(tmp_path, tensorboard=True)
     log.append({"step": 0, "tasks": 0, "hard_tasks": 0, "val_acc": 0.5, "val_ci": 0.03})
@@ -156,6 +157,9 @@ def test_runlog_redraws_curves_and_writes_tensorboard_scalars(tmp_path: Path) ->
     assert set(events.Tags()["scalars"]) == {"hard_tasks", "val_acc", "val_ci", "train_loss"}
     assert [(e.step, e.value) for e in events.Scalars("val_acc")] == [(0, 0.5), (4, pytest.approx(0.6))]
     assert [(e.step, e.value) for e in events.Scalars("train_loss")] == [(4, pytest.approx(0.9))]
+    # The event file is one of the run's files: --overwrite removes it with metrics.csv and curves.png.
+    remove_our_files(tmp_path)
+    assert not list(tmp_path.glob("events.out.tfevents.*")) and not (tmp_path / "curves.png").exists()
 
 
 def test_tensorboard_missing_is_one_line_and_exit_2(

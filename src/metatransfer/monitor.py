@@ -16,9 +16,10 @@ from typing import Any
 
 from metatransfer.errors import UserError
 from metatransfer.report import METRICS_FILE, write_curves
-from metatransfer.runs import MetricsLog
+from metatransfer.runs import MetricsLog, record_file
 
 NOT_SCALARS = ("step", "epoch", "tasks")  # the x axes, not curves of their own
+EVENTS_GLOB = "events.out.tfevents.*"
 
 TENSORBOARD_HINT = (
     "TensorBoard logging needs the tensorboard package, which is not installed; "
@@ -55,7 +56,10 @@ class RunLog(MetricsLog):
             require_tensorboard()
             from torch.utils.tensorboard import SummaryWriter
 
+            before = set(run_dir.glob(EVENTS_GLOB))
             self._writer = SummaryWriter(log_dir=str(run_dir))
+            for events in set(run_dir.glob(EVENTS_GLOB)) - before:
+                record_file(events)  # a run file like the others: `--overwrite` removes it
 
     def append(self, row: Mapping[str, Any]) -> None:
         super().append(row)
