@@ -237,31 +237,43 @@ def _draw_meta(axes: Sequence[Any], rows: Sequence[Row]) -> None:
     acc_ax.set_ylabel("accuracy (%)")
 
 
+ROW_HEIGHT_IN, TOP_IN, BOTTOM_IN = 3.6, 0.35, 0.55  # a phase's row; room for its title and x label
+
+
 def draw_curves(phases: Sequence[Phase]) -> bytes:
-    """PNG bytes: one row of two panels (loss | accuracy) per phase."""
-    import matplotlib
+    """PNG bytes: one row of two panels (loss | accuracy) per phase.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    A bare `Figure` (no pyplot: safe in any thread, nothing global) with fixed margins instead of
+    `tight_layout`, which would draw everything twice; training redraws this at every validation.
+    """
+    from matplotlib.figure import Figure
 
-    fig, grid = plt.subplots(len(phases), 2, figsize=(11, 3.6 * len(phases)), dpi=110, squeeze=False)
-    try:
-        for phase, axes in zip(phases, grid, strict=True):
-            axes[0].sharex(axes[1])  # loss and accuracy of a phase on the same epochs / tasks
-            if phase.kind == "pretrain":
-                _draw_pretrain(axes, phase.rows)
-            else:
-                _draw_meta(axes, phase.rows)
-            axes[0].set_title(_title(phase), loc="left", fontsize=10)
-            for ax in axes:
-                ax.grid(alpha=0.3)
-                if ax.get_legend() is None and ax.get_legend_handles_labels()[0]:
-                    ax.legend(fontsize=8, loc="best")
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-    finally:
-        plt.close(fig)
+    n = len(phases)
+    height = ROW_HEIGHT_IN * n
+    fig = Figure(figsize=(11, height), dpi=110)
+    grid = fig.subplots(n, 2, squeeze=False)
+    axis_height = ROW_HEIGHT_IN - TOP_IN - BOTTOM_IN
+    fig.subplots_adjust(
+        left=0.07,
+        right=0.93,
+        top=1 - TOP_IN / height,
+        bottom=BOTTOM_IN / height,
+        wspace=0.3,
+        hspace=(TOP_IN + BOTTOM_IN) / axis_height,
+    )
+    for phase, axes in zip(phases, grid, strict=True):
+        axes[0].sharex(axes[1])  # loss and accuracy of a phase on the same epochs / tasks
+        if phase.kind == "pretrain":
+            _draw_pretrain(axes, phase.rows)
+        else:
+            _draw_meta(axes, phase.rows)
+        axes[0].set_title(_title(phase), loc="left", fontsize=10)
+        for ax in axes:
+            ax.grid(alpha=0.3)
+            if ax.get_legend() is None and ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8, loc="best")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     return buf.getvalue()
 
 
