@@ -92,3 +92,26 @@ def test_unknown_config_key_is_a_one_line_error(tmp_path: Path, capsys: pytest.C
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "meta.wya" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["pretrain", "run"])
+def test_overwrite_inside_the_dataset_or_a_foreign_folder_is_refused_and_deletes_nothing(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = write_pattern_folder(tmp_path / "data", per_class=2)
+    config = write_config(tmp_path / "tiny.yaml", data, tmp_path / "cache")
+    foreign = tmp_path / "thesis"
+    foreign.mkdir()
+    (foreign / "thesis.txt").write_text("years of work")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and "cache" not in p.parts}
+    for out, problem in (
+        (data / "train" / "train-class00", "inside the dataset"),
+        (foreign, "did not write"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--config", str(config), "--out", str(out), "--overwrite"])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert problem in err and len(err.splitlines()) == 1
+    after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and "cache" not in p.parts}
+    assert after == before

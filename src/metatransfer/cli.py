@@ -33,7 +33,11 @@ def _with_data_root(cfg: Config, data_root: str | None) -> Config:
 
 
 def _out(args: argparse.Namespace, cfg: Config, phase: str) -> Path:
-    return Path(args.out) if args.out else Path("runs") / cfg.name / phase
+    """The output folder, refused up front (before any work) if it is not ours or lies in the dataset."""
+    from metatransfer.runs import check_output
+
+    out = Path(args.out) if args.out else Path("runs") / cfg.name / phase
+    return check_output(out, data_root=cfg.data.root)
 
 
 def cmd_datasets(args: argparse.Namespace) -> int:

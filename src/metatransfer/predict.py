@@ -315,22 +315,27 @@ def _from_export(
     return learner.eval(), pre, meta
 
 
-def export_model(run: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
+def export_model(
+    run: str | os.PathLike[str], out: str | os.PathLike[str], *, overwrite: bool = False
+) -> Path:
     """Write a meta-train run's model (the run directory or its model.safetensors) as one portable file.
 
     Tensors: the MetaLearner's state with every SS conv folded into a plain conv with bias
     (`fold_ss`), and theta. Metadata: the run's (backbone, backbone_args, preprocess, meta, ...) plus
-    `format`/`format_version` and the run's `precision`. Returns the written path.
+    `format`/`format_version` and the run's `precision`. An existing `out` is replaced only with
+    `overwrite`, and never when it is one of a run's own files. Returns the written path.
     """
     from metatransfer.models.meta_learner import MODEL_FILE, load_meta_model
     from metatransfer.models.scale_shift import fold_ss
-    from metatransfer.runs import load_weights, save_weights
+    from metatransfer.runs import load_weights, run_file_owner, save_weights
 
     source = Path(run)
     if source.is_dir():
         source = source / MODEL_FILE
     if not source.is_file():
         raise UserError(f"no meta-trained model at {source}; pass a meta-train run directory")
+    out = Path(out)
+    _check_export_target(out, overwrite, run_file_owner(out))
     learner, _, _ = load_meta_model(source)
     _, info = load_weights(source)
     metadata = {
@@ -339,9 +344,21 @@ def export_model(run: str | os.PathLike[str], out: str | os.PathLike[str]) -> Pa
         "format_version": str(EXPORT_VERSION),
         "precision": _recorded_precision(source, info),
     }
-    out = Path(out)
-    save_weights(out, fold_ss(learner).state_dict(), metadata)
+    # Not recorded as a run file: `--overwrite` of a run it was written into leaves the export alone.
+    save_weights(out, fold_ss(learner).state_dict(), metadata, record=False)
     return out
+
+
+def _check_export_target(out: Path, overwrite: bool, owner: Path | None) -> None:
+    """Refuse a folder, a run's own file (`owner`: that run), or an existing file without `overwrite`."""
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give a file name, e.g. {out / 'model.mtl'}")
+    if owner is not None:
+        raise UserError(
+            f"--out {out} is a file of the run {owner}; export to a file outside the run's own files"
+        )
+    if out.exists() and not overwrite:
+        raise UserError(f"--out {out} exists; pass --overwrite to replace it")
 
 
 @dataclass(frozen=True)
@@ -458,7 +475,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    path = export_model(args.run_dir, args.out)
+    path = export_model(args.run_dir, args.out, overwrite=args.overwrite)
     print(f"exported: {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     return 0
 
@@ -484,4 +501,5 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write a meta-trained model as one portable .mtl file")
     p.add_argument("run_dir", help="meta-train run directory (or its model.safetensors)")
     p.add_argument("--out", required=True, help="output file, e.g. model.mtl")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=cmd_export)
