@@ -18,7 +18,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from metatransfer.config import Config
 from metatransfer.data.augment import to_float
@@ -28,6 +27,7 @@ from metatransfer.device import Runtime, resolve_runtime
 from metatransfer.errors import UserError
 from metatransfer.models.base_learner import InnerLoop
 from metatransfer.models.meta_learner import MODEL_FILE, MetaLearner, load_meta_model
+from metatransfer.progress import track
 from metatransfer.runs import atomic_write_text, is_finished, load_weights, read_json
 from metatransfer.train.common import BACKBONE_FILE, Preprocess, load_backbone
 from metatransfer.train.evaluate import (
@@ -96,7 +96,8 @@ def finetune_all(
     support set (SGD, BN statistics fixed), then score the queries. The head scores L2-normalised
     features times `temperature`, as the meta base learner does. [episodes] accuracies."""
     accs = []
-    for i in tqdm(range(episodes), desc="update-all", leave=False, unit="ep"):
+    bar = track(episodes, "update-all", "ep", leave=False)
+    for i in range(episodes):
         e = sampler.episode(i)
         net = copy.deepcopy(backbone).eval()  # BN keeps its pre-trained statistics on 5-25 images
         head = nn.Linear(int(backbone.out_dim), sampler.way).to(runtime.device)  # type: ignore[arg-type]
@@ -116,6 +117,8 @@ def finetune_all(
         with torch.no_grad(), runtime.autocast():
             pred = head(F.normalize(net.eval()(xq).float(), dim=-1) * temperature).argmax(-1)
         accs.append(float((pred == yq).float().mean()))
+        bar.update(1)
+    bar.close()
     return np.asarray(accs)
 
 

@@ -19,7 +19,8 @@ from metatransfer.config import Config
 from metatransfer.data.augment import BatchAugment
 from metatransfer.device import Runtime
 from metatransfer.errors import TrainingError
-from metatransfer.runs import MetricsLog, RunDir, load_state, save_state, write_json
+from metatransfer.monitor import RunLog
+from metatransfer.runs import RunDir, load_state, save_state, write_json
 from metatransfer.train.common import Preprocess
 
 STATE_FILE = "state.pt"
@@ -45,7 +46,7 @@ class TrainingRun:
         self.is_main = dist.context().is_main
         self.state: dict[str, Any] | None = None  # the checkpoint resumed from; None on a fresh start
         self._dir: RunDir | None = None
-        self._log: MetricsLog | None = None
+        self._log: RunLog | None = None  # metrics.csv, curves.png and TensorBoard scalars
 
     @property
     def step(self) -> int:
@@ -60,8 +61,11 @@ class TrainingRun:
                 self.state = load_state(self.out / STATE_FILE)
             if self.is_main:
                 # Rows logged after the checkpoint are produced again, so they are dropped.
-                self._log = MetricsLog(
-                    self.out / METRICS_FILE, resume=self.state is not None, keep_until=self.step
+                self._log = RunLog(
+                    self.out,
+                    resume=self.state is not None,
+                    keep_until=self.step,
+                    tensorboard=self.cfg.logging.tensorboard,
                 )
         except BaseException:
             self.close()
@@ -95,6 +99,9 @@ class TrainingRun:
             self._dir.finish(summary)
 
     def close(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
         if self._dir is not None:
             self._dir.close()
             self._dir = None
@@ -112,7 +119,7 @@ class ScaledOptimizer:
     def __init__(self, optimizer: torch.optim.Optimizer, runtime: Runtime) -> None:
         self.optimizer = optimizer
         self.scaler = runtime.grad_scaler()
-        self.skipped = 0  # steps skipped for inf/NaN gradients in this process
+        self.skipped = 0  # steps skipped for inf/NaN gradients since the last `take_skipped`
 
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
@@ -126,6 +133,11 @@ class ScaledOptimizer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.skipped += int(self.scaler.get_scale() < before)
+
+    def take_skipped(self) -> int:
+        """Steps skipped since the last call (for a metrics row)."""
+        n, self.skipped = self.skipped, 0
+        return n
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
