@@ -151,14 +151,19 @@ def reference_learner(
     return encoder, theta, opt
 
 
+def project_learner(net: Net, meta: MetaConfig, runtime: Runtime) -> MetaLearner:
+    """The project's MetaLearner of ``net``'s seeded weights: SS backbone, on the runtime."""
+    backbone = net.build()
+    prepare_backbone(backbone, meta)
+    learner = MetaLearner(backbone, WAY)
+    runtime.model(learner)
+    return learner
+
+
 def meta_models(
     net: Net, meta: MetaConfig, runtime: Runtime
 ) -> tuple[MetaLearner, nn.Module, list[torch.Tensor], torch.optim.Optimizer]:
-    """The project's MetaLearner (SS backbone, on the runtime) and the reference's model of the same weights."""
-    pretrained = net.build()
-    backbone = copy.deepcopy(pretrained)
-    prepare_backbone(backbone, meta)
-    learner = MetaLearner(backbone, WAY)
-    encoder, theta, opt = reference_learner(pretrained, learner, meta, runtime.device)
-    runtime.model(learner)
+    """The project's MetaLearner and the reference's model of the same weights (on the runtime's device)."""
+    learner = project_learner(net, meta, runtime)
+    encoder, theta, opt = reference_learner(net.build(), learner, meta, runtime.device)
     return learner, encoder, theta, opt

@@ -33,9 +33,10 @@ from typing import Any
 import torch
 
 from fixtures import PAPER_WIDTHS, Net, Target
+from gpu_numerics import numerics_section
 from gpu_projection import projection_section
 from gpu_report import markdown
-from gpu_runs import distributed_section, numerics_section
+from gpu_runs import distributed_section
 from gpu_sections import (
     Check,
     GpuPlan,

@@ -1,9 +1,7 @@
-"""The GPU check's run sections: ``mtl pretrain`` and ``mtl meta-train`` under torchrun, and the numerics
-of a short pre-training in fp32, bf16 and fp16 (with its loss scaler) on the same batches."""
+"""The GPU check's distributed section: ``mtl run`` (all three phases, a few steps each) under torchrun."""
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys
@@ -16,15 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fixtures import PRETRAIN_CLASSES, random_store
-from gpu_sections import CONFIG, Check, Skip, part
+from gpu_sections import CONFIG, Check
 from metatransfer.config import load_config, to_yaml
-from pretrain_bench import batch_rows, pretrainer
-
-# Tolerances of a bf16 or fp16 curve against fp32's, as fractions of the fp32 loss:
-FIRST_TOLERANCE = 0.01  # step 1: the same weights and batch, so only the forward's rounding differs
-LOSS_TOLERANCE = 0.05  # mean loss of the second half of the steps (fp16 may skip a step or two at first)
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def write_folder(root: Path, size: int, classes: dict[str, int], per_class: int) -> Path:
@@ -129,63 +120,4 @@ def distributed_section(check: Check) -> dict[str, Any]:
                 else {"status": "failed", "error": f"finished without writing {path.name}"}
             )
     results["steps"] = {"pretrain": 4, "meta_train": 2, "meta_test_episodes": 10}
-    return results
-
-
-def loss_curve(check: Check, precision: str) -> tuple[list[float], dict[str, Any]]:
-    """Losses of ``numerics_steps`` Pretrainer steps in ``precision`` from the same weights, batches and
-    augmentation draws as every other precision; plus the loss scaler's state."""
-    plan, net = check.plan, check.plan.net
-    per_class = plan.numerics_batch * plan.numerics_steps // PRETRAIN_CLASSES + 1
-    store = random_store(PRETRAIN_CLASSES, per_class, net.size, net.channels, "train", seed=3)
-    trainer = pretrainer(net, plan.numerics_batch, check.target, store, precision=precision)
-    gen = torch.Generator(device=trainer.runtime.device).manual_seed(0)
-    losses = [
-        trainer.step(idx, trainer.p.lr, gen)[0]
-        for idx in batch_rows(store, plan.numerics_batch, plan.numerics_steps)
-    ]
-    scaler = trainer.update.scaler
-    state: dict[str, Any] = {"scaler_enabled": scaler.is_enabled(), "skipped_steps": trainer.update.skipped}
-    if scaler.is_enabled():
-        state["final_scale"] = float(scaler.get_scale())
-    return losses, state
-
-
-def compare_curves(losses: list[float], fp32: list[float]) -> dict[str, Any]:
-    half = len(fp32) // 2
-    first = abs(losses[0] - fp32[0]) / abs(fp32[0])
-    late = abs(float(np.mean(losses[half:])) - float(np.mean(fp32[half:]))) / abs(float(np.mean(fp32[half:])))
-    out: dict[str, Any] = {"first_step_gap": first, "second_half_mean_gap": late}
-    if not all(math.isfinite(x) for x in losses):
-        out["error"] = "non-finite loss"
-    elif first > FIRST_TOLERANCE or late > LOSS_TOLERANCE:
-        out["error"] = (
-            f"outside the tolerance: first-step gap {100 * first:.2f} %, second-half gap {100 * late:.2f} %"
-        )
-    return out
-
-
-def numerics_section(check: Check) -> dict[str, Any]:
-    results: dict[str, Any] = {
-        "steps": check.plan.numerics_steps,
-        "batch": check.plan.numerics_batch,
-        "tolerance": f"first step's loss within {100 * FIRST_TOLERANCE:.0f} % of fp32's, mean loss of the second "
-        f"half of the steps within {100 * LOSS_TOLERANCE:.0f} %",
-    }
-    curves: dict[str, list[float]] = {}
-
-    def run(precision: str) -> dict[str, Any]:
-        if precision != "fp32" and "fp32" not in curves:
-            raise Skip("needs the fp32 curve")
-        losses, state = loss_curve(check, precision)
-        curves[precision] = losses
-        out: dict[str, Any] = {"losses": losses, **state}
-        if precision == "fp16" and not state["scaler_enabled"]:
-            out["error"] = "fp16 ran without a loss scaler"
-        elif precision != "fp32":
-            out.update(compare_curves(losses, curves["fp32"]))
-        return out
-
-    for precision in PRECISIONS:
-        part(results, precision, lambda p=precision: run(p))
     return results

@@ -87,13 +87,14 @@ def step_rate(trainer: Pretrainer, batches: list[torch.Tensor], warm_up: int = 1
 
 
 def flops_per_image(model: nn.Module, net: Net, device: torch.device) -> float:
-    """FLOPs of one image's fp32 forward+backward through ``model`` (a batch of 2, counted by torch)."""
+    """FLOPs of one image's fp32 forward+backward through ``model``: the reference's step on a batch of
+    2, counted by torch (its SGD update adds no counted FLOPs)."""
     probe = copy.deepcopy(model).float().to(memory_format=torch.contiguous_format)
     x = torch.randn(2, net.channels, net.size, net.size, device=device)
     y = torch.zeros(2, dtype=torch.long, device=device)
     counter = FlopCounterMode(display=False)
     with counter:
-        torch.nn.functional.cross_entropy(probe(x), y).backward()
+        reference_pretrain_step(probe, torch.optim.SGD(probe.parameters(), lr=0.0), x, y)
     return counter.get_total_flops() / 2
 
 

@@ -118,8 +118,10 @@ def test_gpu_check_cpu_smoke_measures_every_section(tmp_path: Path) -> None:
     assert dist["backend"] == "gloo" and dist["ranks"] == 2
     assert all(dist[phase]["status"] == "measured" for phase in ("pretrain", "meta_train", "meta_test"))
     numerics = sections["numerics"]["results"]
-    assert numerics["fp16"]["scaler_enabled"] and not numerics["bf16"]["scaler_enabled"]
-    assert len(numerics["bf16"]["losses"]) == gpu_check.SMOKE.numerics_steps
+    for phase in ("pretrain", "meta_train"):
+        assert numerics[f"{phase}_fp16"]["scaler_enabled"] and not numerics[f"{phase}_bf16"]["scaler_enabled"]
+        assert numerics[f"{phase}_bf16"]["first_step_gap"] <= 0.01
+    assert len(numerics["pretrain_bf16"]["losses"]) == gpu_check.SMOKE.numerics_steps
     assert sections["projection"]["results"]["total_hours"] > 0
     text = (tmp_path / "gpu_check.md").read_text()
     assert all(f"## {name}: measured" in text for name in gpu_check.SECTIONS)
