@@ -67,13 +67,13 @@ def compare(rows: Sequence[Row], previous: Mapping[str, Any] | None) -> list[dic
     """
     if not previous:
         return []
-    before = {r["figure"]: r for r in previous.get("rows", []) if r.get("speedup")}
+    before = {r["figure"]: r["speedup"] for r in previous.get("rows", []) if r.get("speedup")}
     out = []
     for r in rows:
         s, old = r.speedup, before.get(r.figure)
         if s is None or old is None:
             continue
-        was = float(old["speedup"]["median"])
+        was = float(old["median"] if isinstance(old, Mapping) else old)  # older runs: a plain number
         apart = abs(s.median - was) / was
         out.append(
             {
@@ -136,6 +136,9 @@ def markdown(
             f"Self CPU time of one {info['precision']} Pretrainer.step of the flops row (torch.profiler): {shares}; "
             f"inside the convolution kernels alone {profile['convolution_gflops']:.0f} GFLOP/s.",
         ]
+    dropped = [f"- {d}" for d in info.get("dropped", [])]
+    if dropped:
+        extra += ["", "Rows dropped to keep the run within its time budget (`--budget-s`):", *dropped]
     parts = [
         header,
         "",

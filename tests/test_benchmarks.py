@@ -17,6 +17,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import gpu_check  # noqa: E402
+import run  # noqa: E402
 from gpu_sections import Skip  # noqa: E402
 from report import compare  # noqa: E402
 from timing import Row, Spread, alternate  # noqa: E402
@@ -60,6 +61,27 @@ def test_compare_flags_a_speedup_that_moved_more_than_15_percent() -> None:
     assert got["a"]["steady"] and got["a"]["apart"] == pytest.approx(0.2 / 1.8)
     assert not got["b"]["steady"] and got["b"]["apart"] == pytest.approx(0.5)
     assert compare(rows, None) == []
+    older = {"rows": [{"figure": "a", "speedup": 2.5}]}  # bench.json before rounds: a plain number
+    assert compare(rows, older)[0]["previous"] == 2.5
+
+
+def test_rows_that_would_overrun_the_budget_are_dropped_whole() -> None:
+    ran: list[str] = []
+
+    def job(key: str) -> run.Job:
+        def go() -> tuple[list[Row], dict[str, Any]]:
+            ran.append(key)
+            return [Row("m", key, "x", (1.0,), (2.0,))], {}
+
+        return run.Job("meta-train", key, go)
+
+    rows, info = run.run_jobs([job("a"), job("b"), job("c")], 100.0, {"a": 50.0, "b": 500.0})
+    assert ran == ["a", "c"]  # b took 500 s last time, more than is left; c's cost is unknown
+    assert [r.figure for r in rows] == ["a", "c"]
+    assert len(info["dropped"]) == 1 and info["dropped"][0].startswith("b (")
+    assert set(info["job_seconds"]) == {"a", "c"}
+    _, info = run.run_jobs([job("d")], 0.0, {})
+    assert info["dropped"] and not info["job_seconds"]  # nothing starts once the budget is spent
 
 
 def test_a_failing_section_is_reported_and_the_next_one_still_runs(
