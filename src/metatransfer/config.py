@@ -95,9 +95,15 @@ class MetaConfig:
     lr_decay: float = 0.5
     lr_decay_every: int = 1000  # tasks
     first_order: bool = True  # the original code's first-order outer gradient; False = exact
-    bn: str = "frozen"  # "frozen" (phase-1 running statistics) or "train" (meta-learn BN affine)
+    # BatchNorm in meta-training: "frozen" (phase-1 statistics and affine), "train" (phase-1 statistics,
+    # affine meta-learned), "batch" (batch statistics and affine meta-learned, as the original code;
+    # running statistics keep updating, and meta-test uses them).
+    bn: str = "frozen"
     ss_granularity: str = "filter"  # "filter" (paper) or "kernel" (original PyTorch code)
     normalize_features: bool = True  # L2-normalise features before the linear base learner
+    # Where each task's classifier starts: "zero" (theta alone, the paper) or "proto" (theta plus the
+    # support set's nearest-class-mean classifier, Proto-MAML: step 0 is NCM, the inner loop refines it).
+    classifier_init: str = "zero"
     temperature: float = 10.0  # logit scale for normalised features
     augment: bool = False
     val_every: int = 500  # tasks between validations
@@ -144,7 +150,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "pretrain.head": ("linear", "cosine"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "meta.method": ("mtl", "ss-last", "ft-last", "ft-theta"),
-    "meta.bn": ("frozen", "train"),
+    "meta.bn": ("frozen", "train", "batch"),
+    "meta.classifier_init": ("zero", "proto"),
     "meta.ss_granularity": ("filter", "kernel"),
 }
 

@@ -58,7 +58,7 @@ def prepare_backbone(backbone: nn.Module, meta: MetaConfig) -> list[nn.Parameter
     mtl: SS on every conv; ss-last: SS on the last stage; ft-last: the last stage's own weights are
     meta-learned (parameter-level fine-tuning); ft-theta: backbone frozen, only theta is meta-learned.
     """
-    train_bn = meta.bn == "train"
+    train_bn = meta.bn in ("train", "batch")
     if meta.method in ("mtl", "ss-last"):
         layers = "all" if meta.method == "mtl" else "last"
         convert_to_ss(backbone, layers=layers, granularity=meta.ss_granularity, train_bn=train_bn)
@@ -75,6 +75,7 @@ def inner_loop(meta: MetaConfig, test: bool = False) -> InnerLoop:
         lr=meta.inner_lr,
         temperature=meta.temperature,
         normalize=meta.normalize_features,
+        init=meta.classifier_init,
     )
 
 

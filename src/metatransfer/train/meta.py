@@ -156,7 +156,9 @@ class MetaTrainer:
             self.opt.step()
             return float("nan"), np.zeros((0, self.m.way)), np.zeros((0, self.m.way))
         gen = torch.Generator(device=self.runtime.device).manual_seed(step_seed)
-        self.learner.backbone.eval()  # BN keeps phase-1 statistics; its affine may still be meta-learned
+        # bn "batch" (the original code): BN normalises with each forward's batch statistics. Otherwise BN
+        # keeps phase-1 statistics (its affine may still be meta-learned, bn "train").
+        self.learner.backbone.train(self.m.bn == "batch")
         xs, xq = self._images(batch.support, gen), self._images(batch.query, gen)
         device = self.runtime.device
         ys, yq = (
