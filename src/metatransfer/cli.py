@@ -86,9 +86,29 @@ def cmd_meta_test(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     cfg = _with_data_root(run_config(run_dir, args.set or []), args.data_root)
     shot = args.shot if args.shot is not None else cfg.meta.shot
-    setting = TestSetting(args.split, args.way, shot, args.query, args.episodes, args.seed)
+    seed = args.seed if args.seed is not None else cfg.eval.seed
+    setting = TestSetting(args.split, args.way, shot, args.query, args.episodes, seed)
     (result,) = meta_test(run_dir, [setting], cfg)
     print(result.line)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from metatransfer.train.compare import compare_runs
+    from metatransfer.train.evaluate import format_delta
+    from metatransfer.train.pipeline import TestSetting, run_config
+
+    run_a, run_b = Path(args.run_a), Path(args.run_b)
+    cfg_a, cfg_b = (_with_data_root(run_config(r), args.data_root) for r in (run_a, run_b))
+    shot = args.shot if args.shot is not None else cfg_a.meta.shot
+    seed = args.seed if args.seed is not None else cfg_a.eval.seed
+    setting = TestSetting(args.split, args.way, shot, args.query, args.episodes, seed)
+    a, b, delta, ci = compare_runs(run_a, cfg_a, run_b, cfg_b, setting)
+    print(f"A {run_a}: {a.line}")
+    print(f"B {run_b}: {b.line}")
+    print(
+        f"A - B: {format_delta(delta, ci)} points (paired 95% CI over the same {len(a.accuracies)} episodes)"
+    )
     return 0
 
 
@@ -118,7 +138,13 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     shots = [int(s) for s in args.shots.split(",")]
     episodes = args.episodes or cfg.eval.episodes
     out = _out(args, cfg, "ablation")
-    ablate(cfg, Path(args.pretrained), out, methods, shots, episodes, overwrite=args.overwrite)
+    extra = {}
+    for item in args.extra or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or "," in name:
+            raise UserError(f"--extra '{item}' must look like NAME=CONFIG.yaml (a name without commas)")
+        extra[name.strip()] = load_config(path)
+    ablate(cfg, Path(args.pretrained), out, methods, shots, episodes, overwrite=args.overwrite, extra=extra)
     print(f"table: {out / 'ablation.md'}")
     return 0
 
@@ -131,6 +157,16 @@ def _common_train_args(p: argparse.ArgumentParser, *, config_required: bool = Tr
         "--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. meta.way=20"
     )
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+
+
+def _test_setting_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--split", default="test")
+    p.add_argument("--way", type=int, default=5)
+    p.add_argument("--shot", type=int, help="default: the shot the model was meta-trained for")
+    p.add_argument("--query", type=int, default=15)
+    p.add_argument("--episodes", type=int, default=600)
+    p.add_argument("--seed", type=int, help="episode seed (default: the run's eval.seed, the report seed)")
+    p.add_argument("--data-root", help="where the dataset is now, if not where it was at training")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,15 +205,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("meta-test", help="phase 3: accuracy with 95%% CI over few-shot episodes")
     p.add_argument("run_dir")
-    p.add_argument("--split", default="test")
-    p.add_argument("--way", type=int, default=5)
-    p.add_argument("--shot", type=int, help="default: the shot the model was meta-trained for")
-    p.add_argument("--query", type=int, default=15)
-    p.add_argument("--episodes", type=int, default=600)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data-root", help="where the dataset is now, if not where it was at training")
+    _test_setting_args(p)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key of the run's config")
     p.set_defaults(func=cmd_meta_test)
+
+    p = sub.add_parser("compare", help="two meta-train runs on identical episodes: the paired difference")
+    p.add_argument("run_a")
+    p.add_argument("run_b")
+    _test_setting_args(p)
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser(
         "compare-ht", help="meta-train with and without hard tasks; plot val accuracy vs tasks"
@@ -193,6 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="evaluation split (default: eval.split of the config)")
     p.add_argument("--shots", default="1,5")
     p.add_argument("--episodes", type=int, help="evaluation episodes (default: eval.episodes)")
+    p.add_argument(
+        "--extra",
+        action="append",
+        metavar="NAME=CONFIG",
+        help="an extra meta-learned row trained with CONFIG's meta section, e.g. "
+        "'mtl (original code)=configs/mini-imagenet-32-original.yaml'",
+    )
     p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("run", help="all three phases end to end, with a summary table")

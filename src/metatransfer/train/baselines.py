@@ -9,8 +9,10 @@ meta-tested like `mtl meta-test`. A method that fails gets its row with the reas
 from __future__ import annotations
 
 import copy
+import re
 import dataclasses
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +37,8 @@ from metatransfer.train.evaluate import (
     episode_labels,
     evaluate_features,
     extract_features,
+    format_delta,
+    paired_difference,
 )
 from metatransfer.train.meta import meta_train
 from metatransfer.train.pipeline import TestSetting, meta_test
@@ -58,6 +62,9 @@ class Row:
     episodes: int = 0
     error: str = ""
     kept: int = -1  # meta rows: tasks learned when the kept (best on val) model was saved; 0 = the start
+    delta: float = float("nan")  # accuracy - NCM's on the same episodes (paired)
+    delta_ci: float = float("nan")  # half-width of the paired difference's 95% CI
+    accuracies: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0), repr=False)
 
 
 def _loop(cfg: Config, steps: int, lr: float, weight_decay: float = 0.0) -> InnerLoop:
@@ -70,13 +77,16 @@ def logreg_loop(cfg: Config) -> InnerLoop:
     return _loop(cfg, steps=200, lr=0.5, weight_decay=1e-3)
 
 
-def choose_theta_loop(cfg: Config, feats: torch.Tensor, store: ImageStore, shot: int) -> InnerLoop:
-    """Pick (steps, lr) for a fresh linear classifier on 200 episodes of another seed than the report's."""
-    sampler = EpisodeSampler(store, cfg.eval.ways[0], shot, cfg.eval.query, cfg.eval.selection_seed)
+def choose_theta_loop(cfg: Config, val_feats: torch.Tensor, val: ImageStore, shot: int) -> InnerLoop:
+    """Pick (steps, lr) for a fresh linear classifier on 200 val episodes of the selection seed
+    (`eval.selection_seed`): never the evaluation split's classes, never the reported episodes."""
+    sampler = EpisodeSampler(val, cfg.eval.ways[0], shot, cfg.eval.query, cfg.eval.selection_seed)
     scored = []
     for steps, lr in THETA_GRID:
         loop = _loop(cfg, steps, lr)
-        scored.append((float(evaluate_features(feats, sampler, 200, "linear", loop=loop).mean()), steps, lr))
+        scored.append(
+            (float(evaluate_features(val_feats, sampler, 200, "linear", loop=loop).mean()), steps, lr)
+        )
     _, steps, lr = max(scored)
     return _loop(cfg, steps, lr)
 
@@ -117,11 +127,14 @@ def finetune_all(
     return np.asarray(accs)
 
 
-def method_config(cfg: Config, method: str, shot: int) -> Config:
-    m = cfg.meta
-    ht = dataclasses.replace(m.ht, enabled=method == "mtl-ht")
-    name = "mtl" if method == "mtl-ht" else method
-    return dataclasses.replace(cfg, meta=dataclasses.replace(m, method=name, shot=shot, ht=ht))
+def method_config(cfg: Config, method: str, shot: int, extra: Mapping[str, Config] | None = None) -> Config:
+    """The config a meta row trains with: `cfg` with the method (and HT for mtl-ht), or, for a row
+    named in `extra`, that config's whole phase-2 section."""
+    m = extra[method].meta if extra and method in extra else cfg.meta
+    if not (extra and method in extra):
+        ht = dataclasses.replace(m.ht, enabled=method == "mtl-ht")
+        m = dataclasses.replace(m, method="mtl" if method == "mtl-ht" else method, ht=ht)
+    return dataclasses.replace(cfg, meta=dataclasses.replace(m, shot=shot))
 
 
 def ablate(
@@ -134,19 +147,40 @@ def ablate(
     *,
     update_all_episodes: int = 100,
     overwrite: bool = False,
+    extra: Mapping[str, Config] | None = None,
 ) -> list[Row]:
-    """Run the ablation; writes out/ablation.md and out/ablation.csv and returns the rows."""
+    """Run the ablation; writes out/ablation.md, out/ablation.csv and out/ablation-episodes.csv (every
+    row's per-episode accuracies) and returns the rows. `extra` adds meta-learned rows, one per name,
+    each trained with that config's phase-2 section (e.g. the original code's settings)."""
+    extra = dict(extra or {})
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise UserError(f"unknown ablation method '{unknown[0]}'; choose from {', '.join(METHODS)}")
+    clash = sorted(set(extra) & set(METHODS))
+    if clash:
+        raise UserError(f"extra row name '{clash[0]}' is a built-in method; name it differently")
+    methods = [*methods, *extra]
     runtime = resolve_runtime(cfg)
     source = pretrained / BACKBONE_FILE if pretrained.is_dir() else pretrained
     backbone, pre, _ = load_backbone(source)
     runtime.model(backbone)
     split = cfg.eval.split
     way = cfg.eval.ways[0]
-    store = open_split(dataclasses.replace(cfg.data, size=pre.size), split)
+    data = dataclasses.replace(cfg.data, size=pre.size)
+    store = open_split(data, split)
     feats = extract_features(backbone, store, runtime, pre.mean, pre.std, progress=True)
+    if split == "val":
+        val, val_feats = store, feats
+    else:  # update-theta's grid is chosen on val, whatever split is reported
+        val = open_split(data, "val")
+        val_feats = extract_features(backbone, val, runtime, pre.mean, pre.std, progress=True)
+    # NCM on the same episodes is every row's paired reference.
+    ncm = {
+        shot: evaluate_features(
+            feats, EpisodeSampler(store, way, shot, cfg.eval.query, cfg.eval.seed), episodes, "ncm"
+        )
+        for shot in shots
+    }
     rows: list[Row] = []
     for method in methods:
         for shot in shots:
@@ -159,7 +193,7 @@ def ablate(
                     if method == "logreg":
                         loop = logreg_loop(cfg)
                     elif method == "update-theta":
-                        loop = choose_theta_loop(cfg, feats, store, shot)
+                        loop = choose_theta_loop(cfg, val_feats, val, shot)
                     kind = "ncm" if method == "ncm" else "linear"
                     accs = evaluate_features(feats, sampler, episodes, kind, loop=loop)
                     row.trainable = 0 if method == "ncm" else way * (feats.shape[1] + 1)
@@ -169,8 +203,8 @@ def ablate(
                     )
                     row.trainable = sum(p.numel() for p in backbone.parameters()) + way * (feats.shape[1] + 1)
                 else:
-                    mcfg = method_config(cfg, method, shot)
-                    run_dir = out / f"{method}-{shot}shot"
+                    mcfg = method_config(cfg, method, shot, extra)
+                    run_dir = out / f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', method).strip('-')}-{shot}shot"
                     if overwrite or not is_finished(run_dir, mcfg):
                         meta_train(mcfg, source, run_dir, overwrite=overwrite)
                     setting = TestSetting(split, way, shot, cfg.eval.query, episodes, cfg.eval.seed)
@@ -184,6 +218,8 @@ def ablate(
                     accs = result.accuracies
                 row.accuracy, row.ci95 = confidence_interval(accs)
                 row.episodes = len(accs)
+                row.accuracies = np.asarray(accs)
+                row.delta, row.delta_ci = paired_difference(accs, ncm[shot][: len(accs)])
             except (UserError, RuntimeError, ValueError) as exc:
                 row.error = str(exc).splitlines()[0][:200]
             if method not in META_METHODS:
@@ -201,22 +237,31 @@ def _trainable(learner: MetaLearner) -> int:
 def _describe(row: Row) -> str:
     if row.error:
         return f"{row.method} {row.shot}-shot: failed: {row.error}"
-    return f"{row.method} {row.shot}-shot: {100 * row.accuracy:.2f} ± {100 * row.ci95:.2f}% ({row.episodes} episodes)"
+    return (
+        f"{row.method} {row.shot}-shot: {100 * row.accuracy:.2f} ± {100 * row.ci95:.2f}% ({row.episodes} episodes), "
+        f"vs NCM {format_delta(row.delta, row.delta_ci)} (paired)"
+    )
 
 
 def write_tables(out: Path, rows: list[Row], shots: list[int]) -> None:
-    """ablation.csv (one row per method and shot) and ablation.md (one row per method) from the same rows."""
-    fields = [f.name for f in dataclasses.fields(Row)]
+    """ablation.csv (one row per method and shot), ablation-episodes.csv (method, shot, episode,
+    accuracy: every row's per-episode accuracies, for paired comparisons) and ablation.md (one row per
+    method, with each shot's paired difference to NCM on the same episodes)."""
+    fields = [f.name for f in dataclasses.fields(Row) if f.name != "accuracies"]
     csv_lines = [",".join(fields)] + [
         ",".join(str(getattr(r, f)).replace(",", ";") for f in fields) for r in rows
     ]
     atomic_write_text(out / "ablation.csv", "\n".join(csv_lines) + "\n")
+    episode_lines = ["method,shot,episode,accuracy"] + [
+        f"{r.method},{r.shot},{i},{a:.6f}" for r in rows for i, a in enumerate(r.accuracies)
+    ]
+    atomic_write_text(out / "ablation-episodes.csv", "\n".join(episode_lines) + "\n")
     head = (
         "| method | trainable parameters | meta-training tasks | training time (s) | "
-        + " | ".join(f"{s}-shot accuracy (%)" for s in shots)
+        + " | ".join(f"{s}-shot accuracy (%) | {s}-shot Δ vs NCM (paired 95% CI)" for s in shots)
         + " |"
     )
-    lines = [head, "|" + "---|" * (4 + len(shots))]
+    lines = [head, "|" + "---|" * (4 + 2 * len(shots))]
     for method in dict.fromkeys(r.method for r in rows):
         mine = {r.shot: r for r in rows if r.method == method}
         first = next(iter(mine.values()))
@@ -224,15 +269,16 @@ def write_tables(out: Path, rows: list[Row], shots: list[int]) -> None:
         for s in shots:
             r = mine.get(s)
             if r is None:
-                cells.append("")
+                cells += ["", ""]
             elif r.error:
-                cells.append(f"failed: {r.error}")
+                cells += [f"failed: {r.error}", ""]
             else:
                 cells.append(
                     f"{100 * r.accuracy:.2f} ± {100 * r.ci95:.2f}"
                     + (f" ({r.episodes} ep.)" if r.episodes != rows[0].episodes else "")
                     + (f" [kept at task {r.kept}]" if r.kept >= 0 else "")
                 )
+                cells.append(format_delta(r.delta, r.delta_ci))
         seconds = sum(r.seconds for r in mine.values())
         lines.append(
             f"| {method} | {first.trainable:,} | {sum(r.tasks for r in mine.values())} | {seconds:.0f} | "

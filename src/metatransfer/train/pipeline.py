@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,11 +54,15 @@ class TestResult:
     ci95: float
     seconds: float
     accuracies: np.ndarray  # [episodes] per-episode query accuracy, in episode order
+    selection_seed: int  # the seed of the val episodes that chose the model (its epoch and checkpoint)
 
     @property
     def line(self) -> str:
         s = self.setting
-        return format_accuracy(self.accuracy, self.ci95, s.episodes, s.way, s.shot, s.split)
+        return (
+            format_accuracy(self.accuracy, self.ci95, s.episodes, s.way, s.shot, s.split)
+            + f"; episodes of seed {s.seed}, model chosen on val episodes of seed {self.selection_seed}"
+        )
 
 
 def run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Config:
@@ -111,7 +116,13 @@ def meta_test(
         )
         accs = dist.gather_rows(mine)
         mean, ci = confidence_interval(accs)
-        result = TestResult(s, mean, ci, time.perf_counter() - t0, accs)
+        result = TestResult(s, mean, ci, time.perf_counter() - t0, accs, cfg.eval.selection_seed)
+        if s.split == "val" and s.seed == cfg.eval.selection_seed and ctx.is_main:
+            warnings.warn(
+                f"val episodes of seed {s.seed} chose this model (eval.selection_seed); "
+                "its accuracy on them is optimistic: report another --seed",
+                stacklevel=2,
+            )
         results.append(result)
         if ctx.is_main:
             _save_result(run_dir, result, accs)
@@ -127,6 +138,7 @@ def _save_result(run_dir: Path, result: TestResult, accs: np.ndarray) -> None:
         "accuracy": result.accuracy,
         "ci95": result.ci95,
         "seconds": result.seconds,
+        "selection_seed": result.selection_seed,
     }
     write_json(path, results)
     csv_name = f"episodes-{s.split}-{s.way}way-{s.shot}shot.csv"
@@ -158,7 +170,15 @@ def run_all(cfg: Config, out: Path, *, overwrite: bool = False) -> list[TestResu
         atomic_write_text(out / "summary.md", table + "\n")
         write_json(
             out / "summary.json",
-            [{**dataclasses.asdict(r.setting), "accuracy": r.accuracy, "ci95": r.ci95} for r in results],
+            [
+                {
+                    **dataclasses.asdict(r.setting),
+                    "accuracy": r.accuracy,
+                    "ci95": r.ci95,
+                    "selection_seed": r.selection_seed,
+                }
+                for r in results
+            ],
         )
     return results
 
@@ -172,6 +192,11 @@ def summary_table(results: list[TestResult], seconds: float) -> str:
         s = r.setting
         lines.append(
             f"| {s.split} | {s.way} | {s.shot} | {s.episodes} | {100 * r.accuracy:.2f} | ± {100 * r.ci95:.2f} |"
+        )
+    if results:
+        lines.append(
+            f"\nreported episodes: seed {results[0].setting.seed}; epoch and checkpoint chosen on val "
+            f"episodes of seed {results[0].selection_seed}"
         )
     lines.append(f"\ntotal time: {seconds / 60:.1f} min")
     return "\n".join(lines)
