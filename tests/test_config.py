@@ -217,9 +217,11 @@ def test_exponent_floats_without_a_dot_are_floats(tmp_path: Path, text: str, val
 # --- device and precision (resolve_runtime) ---------------------------------------------------------------
 
 
-def test_fp16_on_cpu_is_refused() -> None:
-    with pytest.raises(ConfigError, match="'precision' is fp16"):
-        resolve_runtime(build_config([], ["device=cpu", "precision=fp16"]))
+def test_fp16_on_cpu_is_allowed_with_a_grad_scaler() -> None:
+    rt = resolve_runtime(build_config([], ["device=cpu", "precision=fp16"]))
+    assert rt.amp_dtype is torch.float16 and rt.grad_scaler().is_enabled()
+    with rt.autocast():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float16
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -243,7 +245,8 @@ def test_explicit_cpu_precision(precision: str, dtype: torch.dtype | None) -> No
 
 def test_auto_precision_on_cpu_follows_native_bf16() -> None:
     rt = resolve_runtime(build_config([], ["device=cpu"]))
-    assert rt.precision == ("bf16" if cpu_has_bf16() else "fp32")
+    assert rt.precision == ("bf16" if cpu_has_bf16() else "fp32")  # never fp16, which CPUs run slowly
+    assert not rt.grad_scaler().is_enabled()
 
 
 @pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no native bf16")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +21,11 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     data = write_pattern_folder(tmp / "data")
     config = write_config(tmp / "tiny.yaml", data, tmp / "cache")
     out = tmp / "run"
-    with pytest.raises(SystemExit) as exit_info:
+    log = io.StringIO()  # not a terminal: progress comes as plain lines, kept for test_log_is_plain_lines
+    with pytest.raises(SystemExit) as exit_info, redirect_stdout(log), redirect_stderr(log):
         main(["run", "--config", str(config), "--out", str(out)])
-    assert exit_info.value.code == 0
+    (tmp / "log.txt").write_text(log.getvalue())
+    assert exit_info.value.code == 0, log.getvalue()[-2000:]
     return out, config
 
 
@@ -48,6 +52,36 @@ def test_run_writes_every_phase(tiny_run: tuple[Path, Path]) -> None:
     assert summary[0]["accuracy"] == pytest.approx(entry["accuracy"])
 
 
+def test_log_is_plain_lines(tiny_run: tuple[Path, Path]) -> None:
+    out, _ = tiny_run
+    log = (out.parent / "log.txt").read_text()
+    assert "\r" not in log  # no bar redraws: one line per event
+    lines = log.splitlines()
+    for epoch in (1, 2, 3):
+        assert sum(line.startswith(f"epoch {epoch}/3: loss ") for line in lines) == 1
+    assert sum(line.startswith("before meta-training: val ") for line in lines) == 1
+    assert [line.split(" ")[1] for line in lines if line.startswith("tasks ")] == ["4/8", "8/8"]
+    assert lines[-1] == f"report: {out / 'report.md'}"
+    assert len(lines) < 30, log
+
+
+def test_run_draws_curves_and_writes_the_report(tiny_run: tuple[Path, Path]) -> None:
+    out, _ = tiny_run
+    for folder in (out, out / "pretrain", out / "meta-1shot"):
+        assert (folder / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", folder
+    report = (out / "report.md").read_text()
+    assert "![training curves](curves.png)" in report
+    entry = json.loads((out / "meta-1shot" / "results.json").read_text())[
+        "test/3-way/1-shot/30-episodes/seed-0"
+    ]
+    assert (
+        f"| meta-1shot | test | 3 | 1 | 4 | 30 (0) | {100 * entry['accuracy']:.2f} | ± {100 * entry['ci95']:.2f} |"
+        in report
+    )
+    rows = (out / "pretrain" / "metrics.csv").read_text().splitlines()[1:]
+    assert "3/3 epochs" in report and len(rows) == 3
+
+
 def test_pretraining_loss_falls(tiny_run: tuple[Path, Path]) -> None:
     out, _ = tiny_run
     rows = (out / "pretrain" / "metrics.csv").read_text().splitlines()
@@ -69,7 +103,11 @@ def test_meta_test_is_deterministic_and_prints_the_line(
         lines.append(capsys.readouterr().out.strip().splitlines()[-1])
     assert lines[0] == lines[1]
     assert lines[0].startswith("accuracy: ")
-    assert lines[0].endswith("% (95% CI, 25 episodes, 3-way 1-shot, test split)")
+    # The line names the reported episodes' seed and the other seed that chose the model.
+    assert lines[0].endswith(
+        "% (95% CI, 25 episodes, 3-way 1-shot, test split); "
+        "episodes of seed 0, model chosen on val episodes of seed 1"
+    )
 
 
 def test_finished_run_is_not_overwritten(
@@ -92,3 +130,26 @@ def test_unknown_config_key_is_a_one_line_error(tmp_path: Path, capsys: pytest.C
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "meta.wya" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["pretrain", "run"])
+def test_overwrite_inside_the_dataset_or_a_foreign_folder_is_refused_and_deletes_nothing(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = write_pattern_folder(tmp_path / "data", per_class=2)
+    config = write_config(tmp_path / "tiny.yaml", data, tmp_path / "cache")
+    foreign = tmp_path / "thesis"
+    foreign.mkdir()
+    (foreign / "thesis.txt").write_text("years of work")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and "cache" not in p.parts}
+    for out, problem in (
+        (data / "train" / "train-class00", "inside the dataset"),
+        (foreign, "did not write"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--config", str(config), "--out", str(out), "--overwrite"])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert problem in err and len(err.splitlines()) == 1
+    after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and "cache" not in p.parts}
+    assert after == before

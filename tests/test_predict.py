@@ -176,6 +176,35 @@ def test_export_matches_run(run: Path, episode: tuple[Path, Path], tmp_path: Pat
     )
 
 
+def test_export_never_replaces_a_run_file_and_needs_overwrite(
+    episode: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    run = make_run(tmp_path / "run", channels=1)
+    model = (run / MODEL_FILE).read_bytes()
+    for target, problem in (
+        (run / MODEL_FILE, "is a file of the run"),
+        (run / CONFIG_FILE, "is a file of the run"),
+        (tmp_path, "is a folder"),
+    ):
+        assert mtl(["export", str(run), "--out", str(target), "--overwrite"], monkeypatch) == 2
+        err = capsys.readouterr().err.strip()
+        assert problem in err and "\n" not in err
+    assert (run / MODEL_FILE).read_bytes() == model
+    load(run)  # still usable
+    existing = tmp_path / "model.mtl"
+    existing.write_bytes(b"an older export")
+    assert mtl(["export", str(run), "--out", str(existing)], monkeypatch) == 2
+    assert "--overwrite" in capsys.readouterr().err and existing.read_bytes() == b"an older export"
+    assert mtl(["export", str(run), "--out", str(existing), "--overwrite"], monkeypatch) == 0
+    assert load_weights(existing)[1]["format"] == EXPORT_FORMAT
+    # An export written into the run folder is not one of the run's files: it may be replaced.
+    assert mtl(["export", str(run), "--out", str(run / "model.mtl")], monkeypatch) == 0
+    assert mtl(["export", str(run), "--out", str(run / "model.mtl"), "--overwrite"], monkeypatch) == 0
+
+
 @pytest.mark.parametrize("method", ["ss-last", "ft-last"])
 def test_export_other_methods(method: str, episode: tuple[Path, Path], tmp_path: Path) -> None:
     run = make_run(tmp_path / method, channels=1, method=method)

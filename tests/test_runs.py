@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from metatransfer.config import Config, build_config
+from metatransfer.config import Config, build_config, to_yaml
 from metatransfer.errors import UserError
 from metatransfer.runs import (
     MetricsLog,
@@ -273,7 +273,7 @@ def test_fresh_run_writes_its_config(tmp_path: Path) -> None:
 
 def test_finished_run_is_not_overwritten_without_overwrite(tmp_path: Path) -> None:
     with RunDir.open(tmp_path, cfg()) as run:
-        run.file("backbone.safetensors").write_bytes(b"precious")
+        atomic_write_bytes(run.file("backbone.safetensors"), b"precious")
         run.finish({"best_val": 0.9})
     with pytest.raises(UserError, match="finished run.*--overwrite"):
         RunDir.open(tmp_path, cfg())
@@ -285,6 +285,79 @@ def test_finished_run_is_not_overwritten_without_overwrite(tmp_path: Path) -> No
     assert not (tmp_path / "backbone.safetensors").exists()
     assert not (tmp_path / "DONE").exists()
     assert is_finished(tmp_path, cfg(way=10)) is False
+
+
+def test_overwrite_removes_only_what_the_run_wrote(tmp_path: Path) -> None:
+    with RunDir.open(tmp_path / "run", cfg()) as run:
+        save_weights(run.file("backbone.safetensors"), {"w": torch.ones(2)})
+        (run.path / "notes.txt").write_text("mine")  # the user's, added to the run folder
+        (run.path / "plots").mkdir()
+        run.finish()
+    with RunDir.open(tmp_path / "run", cfg(), overwrite=True):
+        pass
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        ".lock",
+        ".metatransfer.json",
+        "config.yaml",
+        "notes.txt",
+        "plots",
+    ]
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_folder_metatransfer_did_not_write_is_refused_and_kept(tmp_path: Path, overwrite: bool) -> None:
+    folder = tmp_path / "thesis"
+    folder.mkdir()
+    for i in range(10):
+        (folder / f"{i}.png").write_bytes(b"png %d" % i)
+    (folder / "thesis.txt").write_text("years of work")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(UserError, match="did not write"):
+        RunDir.open(folder, cfg(), overwrite=overwrite)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_an_output_inside_the_dataset_is_refused(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    (data / "train" / "class0").mkdir(parents=True)
+    (data / "train" / "class0" / "0.png").write_bytes(b"png")
+    config = build_config([{"data": {"dataset": "image-folder", "root": str(data)}}])
+    for out in (data, data / "train" / "class0", data / "new"):
+        with pytest.raises(UserError, match="inside the dataset folder"):
+            RunDir.open(out, config, overwrite=True)
+    assert sorted(p.name for p in data.rglob("*")) == ["0.png", "class0", "train"]
+
+
+def test_a_run_written_before_the_marker_is_still_ours(tmp_path: Path) -> None:
+    legacy = tmp_path / "old"
+    legacy.mkdir()
+    (legacy / "config.yaml").write_text(to_yaml(cfg()))
+    (legacy / "backbone.safetensors").write_bytes(b"old weights")
+    (legacy / "DONE").write_text("{}")
+    (legacy / "readme.txt").write_text("the user's")
+    with RunDir.open(legacy, cfg(way=10), overwrite=True):
+        pass
+    assert sorted(p.name for p in legacy.iterdir()) == [
+        ".lock",
+        ".metatransfer.json",
+        "config.yaml",
+        "readme.txt",
+    ]
+    # A config.yaml that is not exactly what metatransfer writes does not make a folder ours.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.yaml").write_text("name: mine\n")
+    with pytest.raises(UserError, match="did not write"):
+        RunDir.open(other, cfg(), overwrite=True)
+    assert (other / "config.yaml").read_text() == "name: mine\n"
+
+
+def test_an_output_that_is_a_file_or_unwritable_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="not a folder"):
+        RunDir.open(tmp_path / "file", cfg())
+    with pytest.raises(UserError, match=r"cannot create the output folder .*file/run: Not a directory"):
+        RunDir.open(tmp_path / "file" / "run", cfg())
 
 
 def test_resume_detection(tmp_path: Path) -> None:

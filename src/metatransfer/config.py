@@ -125,6 +125,15 @@ class EvalConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """What a run writes for people to look at, besides metrics.csv and curves.png."""
+
+    tensorboard: bool = (
+        False  # TensorBoard scalars in each run directory (pip install 'metatransfer[tensorboard]')
+    )
+
+
+@dataclass
 class Config:
     name: str = "run"
     seed: int = 0
@@ -141,6 +150,7 @@ class Config:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     meta: MetaConfig = field(default_factory=MetaConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 # Values a string option may take; checked after every load so a typo fails at start-up.

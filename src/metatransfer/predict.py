@@ -149,11 +149,21 @@ class FewShotLearner:
     square size and normalised with its mean/std, exactly as the training images were.
     """
 
-    def __init__(self, model: MetaLearner, pre: Preprocess, meta: MetaConfig, runtime: Runtime) -> None:
+    def __init__(
+        self,
+        model: MetaLearner,
+        pre: Preprocess,
+        meta: MetaConfig,
+        runtime: Runtime,
+        card: dict[str, Any] | None = None,
+    ) -> None:
         self.model = model.eval()
         self.pre = pre
         self.meta = meta
         self.runtime = runtime
+        # What the model is (data, backbone, config, results; see `metatransfer.card`); None for files
+        # exported before cards existed.
+        self.card = card
         self.classes: list[Hashable] = []  # after fit: the sorted labels; column order of predict_proba
         self._support: tuple[torch.Tensor, torch.Tensor] | None = None  # features [n, d], labels [n]
 
@@ -238,6 +248,7 @@ def load(
     bf16, else fp32), so predictions match meta-test's; "fp32" gives the same numbers on every machine;
     or "auto", "bf16", "fp16" (CUDA).
     """
+    from metatransfer.card import build_card, card_from_metadata
     from metatransfer.config import CHOICES, Config
     from metatransfer.device import resolve_runtime
     from metatransfer.models.meta_learner import MODEL_FILE, load_meta_model
@@ -253,8 +264,10 @@ def load(
     tensors, info = load_weights(path)
     if info.get("format") == EXPORT_FORMAT:
         learner, pre, meta = _from_export(path, tensors, info)
+        card = card_from_metadata(info)
     else:
         learner, pre, meta = load_meta_model(path)
+        card = build_card(path)
     precision = precision or _recorded_precision(path, info)
     if precision not in CHOICES["precision"]:
         raise UserError(
@@ -262,7 +275,7 @@ def load(
         )
     runtime = resolve_runtime(Config(device=device, precision=precision))
     runtime.model(learner)
-    return FewShotLearner(learner, pre, meta, runtime)
+    return FewShotLearner(learner, pre, meta, runtime, card)
 
 
 def _recorded_precision(model_file: Path, info: dict[str, str]) -> str:
@@ -315,22 +328,28 @@ def _from_export(
     return learner.eval(), pre, meta
 
 
-def export_model(run: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
+def export_model(
+    run: str | os.PathLike[str], out: str | os.PathLike[str], *, overwrite: bool = False
+) -> Path:
     """Write a meta-train run's model (the run directory or its model.safetensors) as one portable file.
 
     Tensors: the MetaLearner's state with every SS conv folded into a plain conv with bias
     (`fold_ss`), and theta. Metadata: the run's (backbone, backbone_args, preprocess, meta, ...) plus
-    `format`/`format_version` and the run's `precision`. Returns the written path.
+    `format`/`format_version`, the run's `precision` and the model `card`. An existing `out` is replaced
+    only with `overwrite`, and never when it is one of a run's own files. Returns the written path.
     """
+    from metatransfer.card import CARD_KEY, build_card, now_iso
     from metatransfer.models.meta_learner import MODEL_FILE, load_meta_model
     from metatransfer.models.scale_shift import fold_ss
-    from metatransfer.runs import load_weights, save_weights
+    from metatransfer.runs import load_weights, run_file_owner, save_weights
 
     source = Path(run)
     if source.is_dir():
         source = source / MODEL_FILE
     if not source.is_file():
         raise UserError(f"no meta-trained model at {source}; pass a meta-train run directory")
+    out = Path(out)
+    _check_export_target(out, overwrite, run_file_owner(out))
     learner, _, _ = load_meta_model(source)
     _, info = load_weights(source)
     metadata = {
@@ -338,10 +357,23 @@ def export_model(run: str | os.PathLike[str], out: str | os.PathLike[str]) -> Pa
         "format": EXPORT_FORMAT,
         "format_version": str(EXPORT_VERSION),
         "precision": _recorded_precision(source, info),
+        CARD_KEY: json.dumps(build_card(source, created=now_iso())),
     }
-    out = Path(out)
-    save_weights(out, fold_ss(learner).state_dict(), metadata)
+    # Not recorded as a run file: `--overwrite` of a run it was written into leaves the export alone.
+    save_weights(out, fold_ss(learner).state_dict(), metadata, record=False)
     return out
+
+
+def _check_export_target(out: Path, overwrite: bool, owner: Path | None) -> None:
+    """Refuse a folder, a run's own file (`owner`: that run), or an existing file without `overwrite`."""
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give a file name, e.g. {out / 'model.mtl'}")
+    if owner is not None:
+        raise UserError(
+            f"--out {out} is a file of the run {owner}; export to a file outside the run's own files"
+        )
+    if out.exists() and not overwrite:
+        raise UserError(f"--out {out} exists; pass --overwrite to replace it")
 
 
 @dataclass(frozen=True)
@@ -458,7 +490,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    path = export_model(args.run_dir, args.out)
+    path = export_model(args.run_dir, args.out, overwrite=args.overwrite)
     print(f"exported: {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     return 0
 
@@ -484,4 +516,5 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write a meta-trained model as one portable .mtl file")
     p.add_argument("run_dir", help="meta-train run directory (or its model.safetensors)")
     p.add_argument("--out", required=True, help="output file, e.g. model.mtl")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=cmd_export)

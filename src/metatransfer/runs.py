@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import fcntl
+import fnmatch
 import io
 import json
 import os
@@ -24,16 +25,46 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from metatransfer.config import Config, to_yaml
-from metatransfer.errors import UserError
+from metatransfer.errors import UserError, file_error
 
 CONFIG_FILE = "config.yaml"
 DONE_FILE = "DONE"
 LOCK_FILE = ".lock"
+# Our mark on every output folder we create: {"format": MARKER_FORMAT, "files": [names we wrote there]}.
+# Only a marked folder is reused, and `--overwrite` removes only the files its list names.
+MARKER_FILE = ".metatransfer.json"
+MARKER_FORMAT = "metatransfer-output"
+# What a run folder written before the marker existed holds (recognised by its config.yaml, see `_owned`).
+LEGACY_RUN_FILES = (
+    CONFIG_FILE,
+    DONE_FILE,
+    "metrics.csv",
+    "summary.json",
+    "results.json",
+    "failure_classes.csv",
+    "episodes-*.csv",
+    "state*.pt",
+    "*.safetensors",
+)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the whole new one, never a part."""
+def atomic_write_bytes(path: str | Path, data: bytes, *, record: bool = True) -> None:
+    """Write `data` to `path` so that readers see the old file or the whole new one, never a part.
+
+    Any OSError (disk full, read-only, a file where a folder should be) is a FileError naming `path`.
+    In a folder we marked (`claim_folder`), the file's name is added to the marker's list of the run's
+    files (which `--overwrite` may remove), unless `record` is False (a file the user asked for by name).
+    """
     path = Path(path)
+    try:
+        _write_replace(path, data)
+    except OSError as exc:
+        raise file_error(exc, path, "write") from exc
+    if record and path.name != MARKER_FILE:
+        _record(path)
+
+
+def _write_replace(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -62,14 +93,160 @@ def read_json(path: str | Path) -> Any:
         raise UserError(f"missing file: {path}") from exc
     except json.JSONDecodeError as exc:
         raise UserError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"{path} is not UTF-8 text (byte {exc.start}); it was not written by metatransfer"
+        ) from exc
+    except OSError as exc:
+        raise file_error(exc, path, "read") from exc
+
+
+# --- output folders: only ever reuse or clean what we wrote --------------------------------------------------
+
+
+def _marker(folder: Path) -> dict[str, Any] | None:
+    """The marker of `folder` if it holds a valid one, else None."""
+    try:
+        data = json.loads((folder / MARKER_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if (
+        not isinstance(data, dict)
+        or data.get("format") != MARKER_FORMAT
+        or not isinstance(data.get("files"), list)
+    ):
+        return None
+    return data
+
+
+def _write_marker(folder: Path, files: list[str]) -> None:
+    text = json.dumps({"format": MARKER_FORMAT, "files": sorted(set(files))}, indent=1) + "\n"
+    atomic_write_text(folder / MARKER_FILE, text)
+
+
+def _record(path: Path) -> None:
+    """Add `path`'s name to its folder's marker (if the folder is marked): it is now a file we wrote."""
+    marker = _marker(path.parent)
+    if marker is not None and path.name not in marker["files"]:
+        _write_marker(path.parent, [*marker["files"], path.name])
+
+
+def record_file(path: str | Path) -> None:
+    """List `path`, written by other code than `atomic_write_bytes` (TensorBoard's event files), among
+    its folder's run files, so `--overwrite` removes it with the rest."""
+    _record(Path(path))
+
+
+def _is_legacy_run(folder: Path) -> bool:
+    """A run folder from before the marker: its config.yaml is exactly what `to_yaml` writes for it."""
+    from metatransfer.config import build_config, read_yaml
+
+    try:
+        text = (folder / CONFIG_FILE).read_text(encoding="utf-8")
+        return to_yaml(build_config([read_yaml(folder / CONFIG_FILE)])) == text
+    except (OSError, ValueError, UserError):
+        return False
+
+
+def _legacy_files(folder: Path) -> list[str]:
+    """The files of a legacy folder that metatransfer wrote (by name): a run's outputs, or none."""
+    if not _is_legacy_run(folder):
+        return []
+    names = [p.name for p in folder.iterdir() if p.is_file()]
+    return [n for n in names if any(fnmatch.fnmatchcase(n, pat) for pat in LEGACY_RUN_FILES)]
+
+
+def _owned(folder: Path) -> bool:
+    """Whether `folder` was written by metatransfer: marked, a legacy run, or holding a legacy run."""
+    if _marker(folder) is not None or _is_legacy_run(folder):
+        return True
+    return any(
+        child.is_dir() and (_marker(child) is not None or _is_legacy_run(child)) for child in folder.iterdir()
+    )
+
+
+def _inside(path: Path, root: Path) -> bool:
+    path, root = path.resolve(), root.resolve()
+    return path == root or root in path.parents
+
+
+def claim_folder(path: str | Path, *, data_root: str | Path | None = None) -> Path:
+    """Make `path` an output folder of ours: create it, or reuse it only if metatransfer wrote it.
+
+    Refused (one line): a folder inside `data_root` (the dataset: outputs must never land among its
+    images), an existing file, or a non-empty folder without our marker (a plain folder of the user's).
+    The folder gets our marker; from then on every file written there by `atomic_write_bytes` is listed.
+    """
+    path = check_output(path, data_root=data_root)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise file_error(exc, path, "create the output folder") from exc
+    if _marker(path) is None:
+        _write_marker(path, _legacy_files(path))
+    return path
+
+
+def check_output(path: str | Path, *, data_root: str | Path | None = None) -> Path:
+    """Refuse `path` as an output folder unless it is new, empty or ours (see `claim_folder`); writes nothing."""
+    path = Path(path)
+    if data_root is not None and _inside(path, Path(data_root)):
+        raise UserError(
+            f"output folder {path} is inside the dataset folder {data_root}; choose another --out"
+        )
+    try:
+        if not path.exists():
+            return path
+        if not path.is_dir():
+            raise UserError(f"output folder {path} exists and is not a folder; choose another --out")
+        entries = sorted(p.name for p in path.iterdir() if p.name not in (MARKER_FILE, LOCK_FILE))
+        if entries and not _owned(path):
+            raise UserError(
+                f"{path} holds files metatransfer did not write (e.g. {entries[0]}); "
+                "such a folder is never reused or cleaned, choose a new or empty --out"
+            )
+    except OSError as exc:
+        raise file_error(exc, path, "read the output folder") from exc
+    return path
+
+
+def run_file_owner(path: str | Path) -> Path | None:
+    """The run folder `path` is one of the own files of (listed in its marker, or a legacy run's), or None."""
+    path = Path(path)
+    folder = path.parent
+    marker = _marker(folder)
+    ours = marker["files"] if marker is not None else _legacy_files(folder) if folder.is_dir() else []
+    return folder if path.name in ours else None
+
+
+def remove_our_files(folder: Path, keep: tuple[str, ...] = ()) -> None:
+    """Delete the files the marker of `folder` lists (and their leftover temp files), except `keep`.
+
+    Nothing else in the folder is touched: files a user added there stay.
+    """
+    marker = _marker(folder)
+    if marker is None:
+        raise UserError(f"{folder} is not a metatransfer output folder; refusing to remove anything in it")
+    names = [n for n in marker["files"] if n not in keep and "/" not in n and n not in (".", "..")]
+    for child in folder.iterdir():
+        ours = child.name in names or any(
+            child.name.startswith(f".{n}.") and child.name.endswith(".tmp") for n in names
+        )
+        if ours and child.is_file() and not child.is_symlink():
+            child.unlink()
+    _write_marker(folder, [n for n in marker["files"] if n in keep])
 
 
 def save_weights(
-    path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+    path: str | Path,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    record: bool = True,
 ) -> None:
     """Save tensors as safetensors (atomically); `metadata` is a str -> str map stored in the header."""
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write_bytes(path, st_save(flat, metadata=dict(metadata) if metadata else None))
+    atomic_write_bytes(path, st_save(flat, metadata=dict(metadata) if metadata else None), record=record)
 
 
 def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -77,7 +254,10 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     path = Path(path)
     if not path.is_file():
         raise UserError(f"weights file not found: {path}" + (" (it is a folder)" if path.is_dir() else ""))
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise file_error(exc, path, "read") from exc
     try:
         tensors = st_load(data)
     except (SafetensorError, ValueError, RuntimeError) as exc:
@@ -132,17 +312,17 @@ class RunDir:
         *,
         overwrite: bool = False,
         resume: bool | None = None,
-        lock: bool = True,
     ) -> RunDir:
-        """Create or reopen the run folder `path` for `cfg`; `resume=None` resumes automatically."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        handle = _acquire_lock(path) if lock else None
+        """Create or reopen the run folder `path` for `cfg`; `resume=None` resumes automatically.
+
+        Only a folder metatransfer wrote is reused (see `claim_folder`), never one inside the dataset.
+        """
+        path = claim_folder(path, data_root=cfg.data.root)
+        handle = _acquire_lock(path)
         try:
             resuming = cls._prepare(path, cfg, overwrite=overwrite, resume=resume)
         except BaseException:
-            if handle is not None:
-                handle.close()
+            handle.close()
             raise
         return cls(path, handle, resuming)
 
@@ -150,9 +330,7 @@ class RunDir:
     def _prepare(path: Path, cfg: Config, *, overwrite: bool, resume: bool | None) -> bool:
         saved = path / CONFIG_FILE
         if overwrite:
-            for child in path.iterdir():
-                if child.name != LOCK_FILE and child.is_file():
-                    child.unlink()
+            remove_our_files(path)
             atomic_write_text(saved, to_yaml(cfg))
             return False
         if (path / DONE_FILE).exists():
@@ -160,7 +338,7 @@ class RunDir:
                 f"{path} holds a finished run; pass --overwrite to replace it or choose another --out"
             )
         if saved.exists():
-            same = saved.read_text(encoding="utf-8") == to_yaml(cfg)
+            same = _saved_config(path) == to_yaml(cfg)
             has_state = any(path.glob("state*.pt"))
             if not same and (has_state or resume):
                 raise UserError(
@@ -201,14 +379,24 @@ class RunDir:
 def is_finished(path: str | Path, cfg: Config) -> bool:
     """Whether `path` holds a finished run of exactly `cfg` (so a pipeline can reuse it)."""
     path = Path(path)
-    saved = path / CONFIG_FILE
-    return (
-        (path / DONE_FILE).exists() and saved.exists() and saved.read_text(encoding="utf-8") == to_yaml(cfg)
-    )
+    return (path / DONE_FILE).exists() and _saved_config(path) == to_yaml(cfg)
+
+
+def _saved_config(run: Path) -> str | None:
+    """The text of a run's config.yaml, None if it has none; undecodable bytes never equal a config we write."""
+    try:
+        return (run / CONFIG_FILE).read_bytes().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise file_error(exc, run / CONFIG_FILE, "read") from exc
 
 
 def _acquire_lock(path: Path) -> IO[str]:
-    handle = open(path / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the run's lifetime
+    try:
+        handle = open(path / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the run's lifetime
+    except OSError as exc:
+        raise file_error(exc, path / LOCK_FILE, "write") from exc
     try:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as exc:

@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
 from metatransfer.errors import ConfigError, DataError
+from metatransfer.progress import track
 
 from .readers import ImageSource, SplitSpec, create_reader
 from .readers.base import describe_error
@@ -206,7 +206,7 @@ def _build(
     # straight into the memory map (measured on 2 cores: ~1.7x serial, close to a process pool).
     pool = ThreadPoolExecutor(max_workers=workers)
     try:
-        with tqdm(total=row, unit="img", desc=desc, disable=not progress, leave=False) as bar:
+        with track(row, desc, "img", leave=False, enabled=progress) as bar:
             chunks = [job_list[a : a + CHUNK] for a in range(0, len(job_list), CHUNK)]
             futures = [pool.submit(_decode_jobs, chunk, out, spec.channels) for chunk in chunks]
             for chunk, fut in zip(chunks, futures, strict=True):

@@ -9,8 +9,8 @@ meta-tested like `mtl meta-test`. A method that fails gets its row with the reas
 from __future__ import annotations
 
 import copy
-import re
 import dataclasses
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,7 +20,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from metatransfer.config import Config
 from metatransfer.data.augment import to_float
@@ -30,6 +29,7 @@ from metatransfer.device import Runtime, resolve_runtime
 from metatransfer.errors import UserError
 from metatransfer.models.base_learner import InnerLoop
 from metatransfer.models.meta_learner import MODEL_FILE, MetaLearner, load_meta_model
+from metatransfer.progress import track
 from metatransfer.runs import atomic_write_text, is_finished, load_weights, read_json
 from metatransfer.train.common import BACKBONE_FILE, Preprocess, load_backbone
 from metatransfer.train.evaluate import (
@@ -41,7 +41,7 @@ from metatransfer.train.evaluate import (
     paired_difference,
 )
 from metatransfer.train.meta import meta_train
-from metatransfer.train.pipeline import TestSetting, meta_test
+from metatransfer.train.meta_test import TestSetting, meta_test
 
 META_METHODS = ("ft-theta", "ft-last", "ss-last", "mtl", "mtl-ht")
 FEATURE_METHODS = ("ncm", "logreg", "update-theta")
@@ -98,13 +98,16 @@ def finetune_all(
     runtime: Runtime,
     sampler: EpisodeSampler,
     episodes: int,
+    temperature: float,
     steps: int = 20,
     lr: float = 0.01,
 ) -> np.ndarray:
     """`update-all`: per episode, fine-tune a copy of the whole network plus a new linear head on the
-    support set (SGD, BN statistics fixed), then score the queries. [episodes] accuracies."""
+    support set (SGD, BN statistics fixed), then score the queries. The head scores L2-normalised
+    features times `temperature`, as the meta base learner does. [episodes] accuracies."""
     accs = []
-    for i in tqdm(range(episodes), desc="update-all", leave=False, unit="ep"):
+    bar = track(episodes, "update-all", "ep", leave=False)
+    for i in range(episodes):
         e = sampler.episode(i)
         net = copy.deepcopy(backbone).eval()  # BN keeps its pre-trained statistics on 5-25 images
         head = nn.Linear(int(backbone.out_dim), sampler.way).to(runtime.device)  # type: ignore[arg-type]
@@ -117,13 +120,15 @@ def finetune_all(
         yq = episode_labels(sampler.way, sampler.query, 1, runtime.device)[0]
         for _ in range(steps):
             with runtime.autocast():
-                loss = F.cross_entropy(head(F.normalize(net(xs).float(), dim=-1) * 10.0), ys)
+                loss = F.cross_entropy(head(F.normalize(net(xs).float(), dim=-1) * temperature), ys)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         with torch.no_grad(), runtime.autocast():
-            pred = head(F.normalize(net.eval()(xq).float(), dim=-1) * 10.0).argmax(-1)
+            pred = head(F.normalize(net.eval()(xq).float(), dim=-1) * temperature).argmax(-1)
         accs.append(float((pred == yq).float().mean()))
+        bar.update(1)
+    bar.close()
     return np.asarray(accs)
 
 
@@ -199,7 +204,13 @@ def ablate(
                     row.trainable = 0 if method == "ncm" else way * (feats.shape[1] + 1)
                 elif method == "update-all":
                     accs = finetune_all(
-                        backbone, store, pre, runtime, sampler, min(episodes, update_all_episodes)
+                        backbone,
+                        store,
+                        pre,
+                        runtime,
+                        sampler,
+                        min(episodes, update_all_episodes),
+                        cfg.meta.temperature,
                     )
                     row.trainable = sum(p.numel() for p in backbone.parameters()) + way * (feats.shape[1] + 1)
                 else:

@@ -1,23 +1,18 @@
-"""Pieces every phase shares: building and saving backbones, seeding, progress, sanity checks."""
+"""Preprocessing records, and building, saving and loading backbones."""
 
 from __future__ import annotations
 
 import json
-import math
-import random
-import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from torch import nn
 
 from metatransfer.config import Config
-from metatransfer.data.augment import BatchAugment, dataset_stats
-from metatransfer.errors import TrainingError, UserError
+from metatransfer.data.augment import dataset_stats
+from metatransfer.errors import UserError
 from metatransfer.models.backbones import create_backbone
 from metatransfer.runs import load_weights, save_weights
 
@@ -47,20 +42,6 @@ def preprocess_for(cfg: Config, channels: int) -> Preprocess:
     if len(mean) != channels:  # grayscale stats for an RGB folder, or the reverse
         mean, std = (tuple(mean) * channels)[:channels], (tuple(std) * channels)[:channels]
     return Preprocess(cfg.data.size, channels, tuple(mean), tuple(std))
-
-
-def make_augment(cfg: Config, pre: Preprocess, device: torch.device) -> BatchAugment:
-    """The batched augmentation of `pretrain.augment` (meta-training reuses it when `meta.augment`)."""
-    a = cfg.pretrain.augment
-    return BatchAugment(
-        size=pre.size,
-        channels=pre.channels,
-        crop_scale=(a.crop_scale[0], a.crop_scale[1]),
-        flip=a.flip,
-        color_jitter=a.color_jitter,
-        mean=pre.mean,
-        std=pre.std,
-    ).to(device)
 
 
 def build_backbone(cfg: Config, in_channels: int) -> nn.Module:
@@ -95,50 +76,6 @@ def load_backbone(path: Path) -> tuple[nn.Module, Preprocess, dict[str, str]]:
             f"{path} does not match backbone {meta['backbone']}: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
     return backbone.eval(), pre, meta
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch's global generators (dropout and init use them)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def check_finite(loss: torch.Tensor, where: str) -> None:
-    value = float(loss.detach())
-    if not math.isfinite(value):
-        raise TrainingError(
-            f"loss became {value} at {where}; the last good checkpoint is kept. Lower the learning rate or use precision=fp32"
-        )
-
-
-class Throughput:
-    """Items per second over the whole run so far (for progress bars and metrics)."""
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.count = 0
-
-    def add(self, n: int) -> None:
-        self.count += n
-
-    @property
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
-
-    @property
-    def rate(self) -> float:
-        return self.count / max(self.elapsed, 1e-9)
-
-
-def batches(
-    n: int, batch_size: int, generator: torch.Generator, drop_last: bool = True
-) -> Iterator[torch.Tensor]:
-    """Shuffled index batches over range(n) drawn from `generator` (so an epoch is reproducible alone)."""
-    perm = torch.randperm(n, generator=generator)
-    stop = n - n % batch_size if drop_last and n >= batch_size else n
-    for start in range(0, stop, batch_size):
-        yield perm[start : start + batch_size]
 
 
 def float_metadata(values: Mapping[str, Any]) -> dict[str, str]:

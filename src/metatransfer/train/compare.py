@@ -20,7 +20,7 @@ from metatransfer.errors import UserError
 from metatransfer.runs import atomic_write_bytes, atomic_write_text, is_finished
 from metatransfer.train.evaluate import format_delta, paired_difference
 from metatransfer.train.meta import meta_train
-from metatransfer.train.pipeline import TestResult, TestSetting, meta_test
+from metatransfer.train.meta_test import TestResult, TestSetting, meta_test
 
 VARIANTS = ("no-ht", "ht")
 

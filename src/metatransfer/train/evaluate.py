@@ -1,4 +1,5 @@
-"""Phase 3, meta-test: adapt the base learner on thousands of episodes over cached features.
+"""Few-shot episodes over cached features: the engine of meta-test (phase 3, `meta_test.py`) and of
+the validations of phases 1 and 2.
 
 Phi is fixed at test time, so every image's feature is computed once (eval mode) and each episode
 only gathers rows of that [N, d] matrix. The inner loops of many episodes then run as one batched
@@ -14,13 +15,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from metatransfer.data.augment import to_float
 from metatransfer.data.sampler import EpisodeSampler
 from metatransfer.data.store import ImageStore
 from metatransfer.device import Runtime, eval_mode
 from metatransfer.models.base_learner import InnerLoop, adapt, logits, prepare, prototype_classifier
+from metatransfer.progress import track
 
 # Nearest class mean (cosine): the base learner's prototype start on normalised features, with no steps.
 NCM = InnerLoop(steps=0, lr=1.0, temperature=1.0, normalize=True, init="proto")
@@ -43,14 +44,15 @@ def extract_features(
     out: list[torch.Tensor] = []
     with eval_mode(backbone):
         starts = range(0, len(rows), batch_size)
-        for start in tqdm(
-            starts, desc=f"features {store.split}", disable=not progress, leave=False, unit="batch"
-        ):
+        bar = track(len(starts), f"features {store.split}", "batch", leave=False, enabled=progress)
+        for start in starts:
             batch = torch.from_numpy(np.ascontiguousarray(store.images[rows[start : start + batch_size]]))
             x = runtime.images(to_float(batch, mean, std))
             with runtime.autocast():
                 f = backbone(x)
             out.append(f.float().cpu())
+            bar.update(1)
+        bar.close()
     return torch.cat(out) if out else torch.empty(0)
 
 
@@ -125,7 +127,7 @@ def evaluate_features(
     all_ids = np.arange(episodes) if ids is None else np.asarray(ids)
     way, shot, query = sampler.way, sampler.shot, sampler.query
     accs = []
-    bar = tqdm(total=len(all_ids), desc="episodes", disable=not progress, leave=False, unit="ep")
+    bar = track(len(all_ids), "episodes", "ep", leave=False, enabled=progress)
     try:
         for start in range(0, len(all_ids), chunk):
             batch = episode_batch(sampler, all_ids[start : start + chunk])

@@ -12,41 +12,31 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from metatransfer import distributed as dist
+from metatransfer import progress
 from metatransfer.config import Config
 from metatransfer.data.augment import to_float
 from metatransfer.data.sampler import EpisodeSampler
 from metatransfer.data.store import ImageStore, open_split
 from metatransfer.device import Runtime, resolve_runtime
-from metatransfer.runs import (
-    MetricsLog,
-    RunDir,
-    load_state,
-    save_state,
-    write_json,
-)
-from metatransfer.train.common import (
-    BACKBONE_FILE,
-    Preprocess,
+from metatransfer.train.common import BACKBONE_FILE, Preprocess, build_backbone, preprocess_for, save_backbone
+from metatransfer.train.evaluate import confidence_interval, evaluate_features, extract_features
+from metatransfer.train.loop import (
+    ScaledOptimizer,
     Throughput,
+    TrainingRun,
     batches,
-    build_backbone,
     check_finite,
     make_augment,
-    preprocess_for,
-    save_backbone,
     seed_everything,
 )
-from metatransfer.train.evaluate import confidence_interval, evaluate_features, extract_features
-
-STATE_FILE = "state.pt"
 
 
 class Classifier(nn.Module):
@@ -107,120 +97,153 @@ class FewShotValidator:
         return out
 
 
+class Pretrainer:
+    """One pre-training run's moving parts; `step` learns one batch of images, as `MetaTrainer.learn`
+    learns one meta-batch. Built from a config, the train split and a runtime (the preprocessing follows
+    the config unless given)."""
+
+    def __init__(
+        self, cfg: Config, train: ImageStore, runtime: Runtime, pre: Preprocess | None = None
+    ) -> None:
+        p = cfg.pretrain
+        self.cfg, self.p, self.train, self.runtime = cfg, p, train, runtime
+        self.pre = pre or preprocess_for(cfg, train.images.shape[-1])
+        seed_everything(cfg.seed)
+        self.model = Classifier(build_backbone(cfg, self.pre.channels), train.num_classes, p.head)
+        runtime.model(self.model)
+        self.opt = torch.optim.SGD(
+            self.model.parameters(),
+            lr=p.lr,
+            momentum=p.momentum,
+            nesterov=p.nesterov,
+            weight_decay=p.weight_decay,
+        )
+        self.update = ScaledOptimizer(self.opt, runtime)
+        self.augment = make_augment(cfg, self.pre, runtime.device) if p.augment.enabled else None
+        self.forward = dist.wrap_data_parallel(self.model, runtime.device)  # DDP under torchrun
+        self.global_batch = p.batch_size * dist.context().world_size
+        self.steps_per_epoch = max((p.images_per_epoch or len(train)) // self.global_batch, 1)
+
+    def step(
+        self, idx: torch.Tensor, lr: float, gen: torch.Generator | None = None, where: str = "pre-training"
+    ) -> tuple[float, int]:
+        """One SGD step at learning rate `lr` on the images `idx` [B] (this rank's share of a global
+        batch); `gen` draws the augmentation. Returns (mean loss, correct predictions)."""
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        rows = np.sort(idx.numpy())  # sorted reads are kinder to a memory-mapped store
+        x = to_float(
+            torch.from_numpy(np.ascontiguousarray(self.train.images[rows])), self.pre.mean, self.pre.std
+        )
+        y = torch.from_numpy(self.train.labels[rows]).to(self.runtime.device)
+        x = self.runtime.images(x)
+        if self.augment is not None:
+            x = self.augment(x, generator=gen)
+        with self.runtime.autocast():
+            scores = self.forward(x)
+            loss = F.cross_entropy(scores.float(), y, label_smoothing=self.p.label_smoothing)
+        check_finite(loss, where)
+        self.opt.zero_grad(set_to_none=True)
+        self.update.backward(loss)
+        self.update.step()
+        return float(loss.detach()), int((scores.argmax(1) == y).sum())
+
+    def epoch(self, epoch: int) -> dict[str, float | int]:
+        """Train epoch `epoch` (0-based); every random stream is derived from (seed, epoch) so an epoch
+        is the same whether or not the run was resumed before it. Returns its metrics row."""
+        seed = self.cfg.seed * 100_003 + epoch
+        seed_everything(seed)
+        gen = torch.Generator().manual_seed(seed)
+        aug_gen = torch.Generator(device=self.runtime.device).manual_seed(seed + 7)
+        self.model.train()
+        speed = Throughput()
+        loss_sum = correct = seen = 0.0
+        n = self.steps_per_epoch
+        bar = progress.track(
+            n, f"pretrain epoch {epoch + 1}/{self.p.epochs}", "step", enabled=dist.context().is_main
+        )
+        with bar:
+            index_stream = batches(len(self.train), self.global_batch, gen)
+            for step in range(n):
+                idx = next(index_stream, None)
+                if idx is None:  # images_per_epoch larger than the split: a new pass
+                    index_stream = batches(len(self.train), self.global_batch, gen)
+                    idx = next(index_stream)
+                idx = dist.rank_share(idx)
+                lr = lr_at(self.cfg, epoch + step / n)
+                loss, hits = self.step(idx, lr, aug_gen, where=f"epoch {epoch + 1} step {step + 1}")
+                loss_sum, correct, seen = loss_sum + loss * len(idx), correct + hits, seen + len(idx)
+                speed.add(len(idx) * dist.context().world_size)
+                bar.update(1, loss=loss_sum / seen, acc=correct / seen, img_s=round(speed.rate))
+        row: dict[str, float | int] = {
+            "epoch": epoch + 1,
+            "step": epoch + 1,
+            "lr": lr_at(self.cfg, epoch + 1),
+            "train_loss": loss_sum / max(seen, 1),
+            "train_acc": correct / max(seen, 1),
+            "images_per_s": speed.rate,
+            "epoch_s": speed.elapsed,
+        }
+        if self.update.scaler.is_enabled():
+            row["skipped_steps"] = self.update.take_skipped()  # fp16 steps with inf/NaN gradients
+        return row
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), **self.update.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.update.load_state_dict(state)
+
+    def describe(self) -> str:
+        n_params = sum(t.numel() for t in self.model.backbone.parameters())
+        return (
+            f"pre-training {self.cfg.model.backbone} ({n_params:,} parameters) on {self.train.num_classes} classes, "
+            f"{len(self.train)} images at {self.pre.size}px; {self.p.epochs} epochs x {self.steps_per_epoch} steps, "
+            f"{self.runtime.device.type} {self.runtime.precision}"
+        )
+
+
 def pretrain(cfg: Config, out: Path, *, overwrite: bool = False, resume: bool | None = None) -> Path:
     """Run phase 1 into the run directory `out`; returns the path of the best backbone's safetensors."""
     runtime = resolve_runtime(cfg)
     ctx = dist.context()
+    p = cfg.pretrain
     train = open_split(cfg.data, "train", progress=ctx.is_main)
     val = open_split(cfg.data, "val", progress=ctx.is_main)
-    pre = preprocess_for(cfg, train.images.shape[-1])
-    seed_everything(cfg.seed)
-    model = Classifier(build_backbone(cfg, pre.channels), train.num_classes, cfg.pretrain.head)
-    runtime.model(model)
-    p = cfg.pretrain
-    opt = torch.optim.SGD(
-        model.parameters(), lr=p.lr, momentum=p.momentum, nesterov=p.nesterov, weight_decay=p.weight_decay
-    )
-    augment = make_augment(cfg, pre, runtime.device)
+    trainer = Pretrainer(cfg, train, runtime)
     validate = FewShotValidator(
-        val, pre, p.val_shots, p.val_episodes, cfg.eval.selection_seed, cfg.eval.query
+        val, trainer.pre, p.val_shots, p.val_episodes, cfg.eval.selection_seed, cfg.eval.query
     )
-    run = RunDir.open(out, cfg, overwrite=overwrite, resume=resume, lock=ctx.is_main) if ctx.is_main else None
-    start_epoch, best = 0, -1.0
-    resuming = dist.broadcast_flag(run.resuming if run else False)
-    if resuming:
-        state = load_state(out / STATE_FILE)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start_epoch, best = int(state["epoch"]) + 1, float(state["best"])
-    trainer = dist.wrap_data_parallel(model, runtime.device)
-    log = MetricsLog(out / "metrics.csv", resume=resuming, keep_until=start_epoch) if run else None
-    per_epoch = p.images_per_epoch or len(train)
-    steps_per_epoch = max(per_epoch // (p.batch_size * ctx.world_size), 1)
-    if ctx.is_main:
-        n_params = sum(t.numel() for t in model.backbone.parameters())
-        print(
-            f"pre-training {cfg.model.backbone} ({n_params:,} parameters) on {train.num_classes} classes, "
-            f"{len(train)} images at {pre.size}px; {p.epochs} epochs x {steps_per_epoch} steps, "
-            f"{runtime.device.type} {runtime.precision}"
-        )
-    for epoch in range(start_epoch, p.epochs):
-        seed_everything(cfg.seed * 100_003 + epoch)
-        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        aug_gen = torch.Generator(device=runtime.device).manual_seed(cfg.seed * 100_003 + epoch + 7)
-        model.train()
-        speed = Throughput()
-        loss_sum = correct = seen = 0.0
-        bar = tqdm(
-            total=steps_per_epoch, desc=f"epoch {epoch + 1}/{p.epochs}", disable=not ctx.is_main, unit="step"
-        )
-        try:
-            index_stream = batches(len(train), p.batch_size * ctx.world_size, gen)
-            for step in range(steps_per_epoch):
-                try:
-                    idx = next(index_stream)
-                except StopIteration:
-                    index_stream = batches(len(train), p.batch_size * ctx.world_size, gen)
-                    idx = next(index_stream)
-                idx = dist.rank_share(idx)
-                for group in opt.param_groups:
-                    group["lr"] = lr_at(cfg, epoch + step / steps_per_epoch)
-                rows = np.sort(idx.numpy())  # sorted reads are kinder to a memory-mapped store
-                x = to_float(torch.from_numpy(np.ascontiguousarray(train.images[rows])), pre.mean, pre.std)
-                y = torch.from_numpy(train.labels[rows]).to(runtime.device)
-                x = runtime.images(x)
-                if p.augment.enabled:
-                    x = augment(x, generator=aug_gen)
-                with runtime.autocast():
-                    scores = trainer(x)
-                    loss = F.cross_entropy(scores.float(), y, label_smoothing=p.label_smoothing)
-                check_finite(loss, f"epoch {epoch + 1} step {step + 1}")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                loss_sum += float(loss.detach()) * len(y)
-                correct += float((scores.argmax(1) == y).sum())
-                seen += len(y)
-                speed.add(len(y) * ctx.world_size)
-                bar.update(1)
-                bar.set_postfix(
-                    loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", img_s=f"{speed.rate:.0f}"
-                )
-        finally:
-            bar.close()
-        train_time = speed.elapsed
-        row: dict[str, float | int] = {
-            "epoch": epoch + 1,
-            "step": epoch + 1,
-            "lr": lr_at(cfg, epoch + 1),
-            "train_loss": loss_sum / max(seen, 1),
-            "train_acc": correct / max(seen, 1),
-            "images_per_s": speed.rate,
-            "epoch_s": train_time,
-        }
+    with TrainingRun(out, cfg, overwrite=overwrite, resume=resume) as run:
+        best = -1.0
+        if run.state is not None:
+            trainer.load_state_dict(run.state)
+            best = float(run.state["best"])
         if ctx.is_main:
-            t0 = time.perf_counter()
-            row.update(validate(model.backbone, runtime))
-            row["val_s"] = time.perf_counter() - t0
-            score = float(np.mean([row[f"val_{s}shot"] for s in p.val_shots]))
-            if score > best:
-                best = score
-                save_backbone(out / BACKBONE_FILE, model.backbone, cfg, pre, epoch=str(epoch + 1))
-            # The row goes first: a crash before the state is saved re-runs the epoch and rewrites the row.
-            assert log is not None
-            log.append(row)
-            # One file holds everything a resume needs, so a crash cannot leave two out of step.
-            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "best": best}
-            save_state(out / STATE_FILE, state)
-            shots = "  ".join(f"{s}-shot {100 * row[f'val_{s}shot']:.2f}%" for s in p.val_shots)
-            tqdm.write(
-                f"epoch {epoch + 1}: loss {row['train_loss']:.3f}, train acc {100 * row['train_acc']:.1f}%, "
-                f"val 5-way {shots} (nearest mean), {speed.rate:.0f} img/s"
-            )
-        dist.barrier()
-    if run is not None:
-        summary = {"best_val": best, "epochs": p.epochs, "backbone": str(out / BACKBONE_FILE)}
-        write_json(out / "summary.json", summary)
-        run.finish(summary)
-        run.close()
+            progress.note(trainer.describe())
+        for epoch in range(run.step, p.epochs):
+            row = trainer.epoch(epoch)
+            if ctx.is_main:
+                t0 = time.perf_counter()
+                row.update(validate(trainer.model.backbone, runtime))
+                row["val_s"] = time.perf_counter() - t0
+                score = float(np.mean([row[f"val_{s}shot"] for s in p.val_shots]))
+                if score > best:
+                    best = score
+                    save_backbone(
+                        out / BACKBONE_FILE, trainer.model.backbone, cfg, trainer.pre, epoch=str(epoch + 1)
+                    )
+                run.checkpoint(row, {**trainer.state_dict(), "epoch": epoch, "best": best})
+                progress.note(_epoch_line(row, p.val_shots, p.epochs))
+            dist.barrier()
+        run.finish({"best_val": best, "epochs": p.epochs, "backbone": str(out / BACKBONE_FILE)})
     return out / BACKBONE_FILE
+
+
+def _epoch_line(row: dict[str, float | int], shots: list[int], epochs: int) -> str:
+    accs = "  ".join(f"{s}-shot {100 * row[f'val_{s}shot']:.2f}%" for s in shots)
+    return (
+        f"epoch {row['epoch']}/{epochs}: loss {row['train_loss']:.3f}, train acc {100 * row['train_acc']:.1f}%, "
+        f"val 5-way {accs} (nearest mean), {row['images_per_s']:.0f} img/s"
+    )
