@@ -11,12 +11,12 @@ import torch
 
 from metatransfer.cli import main
 from metatransfer.config import load_config
+from metatransfer.data.preprocess import Preprocess
 from metatransfer.data.store import ImageStore
 from metatransfer.device import resolve_runtime
 from metatransfer.models.backbones import create_backbone
 from metatransfer.models.meta_learner import MetaLearner, prepare_backbone
 from metatransfer.models.scale_shift import SSConv2d
-from metatransfer.train.common import Preprocess
 from metatransfer.train.meta import HARD_SALT, MetaTrainer, TaskBatch
 
 from tiny import write_config, write_pattern_folder
@@ -147,18 +147,17 @@ def pretrained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     config = write_config(
         tmp / "cfg.yaml", data, tmp / "cache", pretrain={"epochs": 2}, meta={"ht": {"tasks_per_batch": 2}}
     )
-    with pytest.raises(SystemExit) as exit_info:
-        main(["pretrain", "--config", str(config), "--out", str(tmp / "pre")])
-    assert exit_info.value.code == 0
+    assert main(["pretrain", "--config", str(config), "--out", str(tmp / "pre")]) == 0
     return config, tmp
 
 
 def test_compare_ht_writes_curve_plot_and_table(pretrained: tuple[Path, Path]) -> None:
     config, tmp = pretrained
     out = tmp / "compare"
-    with pytest.raises(SystemExit) as exit_info:
+    assert (
         main(["compare-ht", "--config", str(config), "--pretrained", str(tmp / "pre"), "--out", str(out)])
-    assert exit_info.value.code == 0
+        == 0
+    )
     assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with (out / "curve.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -173,9 +172,7 @@ def test_ablate_runs_every_method_on_identical_episodes(pretrained: tuple[Path, 
     config, tmp = pretrained
     out = tmp / "ablation"
     args = ["ablate", "--config", str(config), "--pretrained", str(tmp / "pre"), "--out", str(out)]
-    with pytest.raises(SystemExit) as exit_info:
-        main([*args, "--shots", "1", "--episodes", "12", "--set", "meta.tasks=4"])
-    assert exit_info.value.code == 0
+    assert main([*args, "--shots", "1", "--episodes", "12", "--set", "meta.tasks=4"]) == 0
     with (out / "ablation.csv").open() as f:
         rows = list(csv.DictReader(f))
     methods = [r["method"] for r in rows]

@@ -19,9 +19,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     data = write_pattern_folder(tmp / "data")
     config = write_config(tmp / "tiny.yaml", data, tmp / "cache")
     out = tmp / "run"
-    with pytest.raises(SystemExit) as exit_info:
-        main(["run", "--config", str(config), "--out", str(out)])
-    assert exit_info.value.code == 0
+    assert main(["run", "--config", str(config), "--out", str(out)]) == 0
     return out, config
 
 
@@ -63,9 +61,10 @@ def test_meta_test_is_deterministic_and_prints_the_line(
     out, _ = tiny_run
     lines = []
     for _ in range(2):
-        with pytest.raises(SystemExit) as exit_info:
+        assert (
             main(["meta-test", str(out / "meta-1shot"), "--way", "3", "--query", "4", "--episodes", "25"])
-        assert exit_info.value.code == 0
+            == 0
+        )
         lines.append(capsys.readouterr().out.strip().splitlines()[-1])
     assert lines[0] == lines[1]
     assert lines[0].startswith("accuracy: ")
@@ -76,9 +75,7 @@ def test_finished_run_is_not_overwritten(
     tiny_run: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     out, config = tiny_run
-    with pytest.raises(SystemExit) as exit_info:
-        main(["pretrain", "--config", str(config), "--out", str(out / "pretrain")])
-    assert exit_info.value.code == 2
+    assert main(["pretrain", "--config", str(config), "--out", str(out / "pretrain")]) == 2
     err = capsys.readouterr().err
     assert "finished run" in err and "--overwrite" in err
     assert "Traceback" not in err
@@ -87,9 +84,7 @@ def test_finished_run_is_not_overwritten(
 def test_unknown_config_key_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "bad.yaml"
     config.write_text("meta:\n  wya: 5\n")
-    with pytest.raises(SystemExit) as exit_info:
-        main(["pretrain", "--config", str(config), "--out", str(tmp_path / "x")])
-    assert exit_info.value.code == 2
+    assert main(["pretrain", "--config", str(config), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
     assert "meta.wya" in err and len(err.splitlines()) == 1
 
@@ -108,9 +103,7 @@ def test_overwrite_inside_the_dataset_or_a_foreign_folder_is_refused_and_deletes
         (data / "train" / "train-class00", "inside the dataset"),
         (foreign, "did not write"),
     ):
-        with pytest.raises(SystemExit) as exit_info:
-            main([command, "--config", str(config), "--out", str(out), "--overwrite"])
-        assert exit_info.value.code == 2
+        assert main([command, "--config", str(config), "--out", str(out), "--overwrite"]) == 2
         err = capsys.readouterr().err.strip()
         assert problem in err and len(err.splitlines()) == 1
     after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and "cache" not in p.parts}

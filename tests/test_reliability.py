@@ -13,14 +13,6 @@ from metatransfer.runs import load_state
 from tiny import write_config, write_pattern_folder
 
 
-def _run(args: list[str]) -> int:
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    code = exit_info.value.code
-    assert isinstance(code, int)
-    return code
-
-
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -33,7 +25,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(
         pretrain={"epochs": 3, "schedule": "step", "step_size": 1, "gamma": 1e30, "weight_decay": 0.0},
     )
     out = tmp_path / "run"
-    assert _run(["pretrain", "--config", str(config), "--out", str(out), "--set", "precision=fp32"]) == 2
+    assert main(["pretrain", "--config", str(config), "--out", str(out), "--set", "precision=fp32"]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]  # progress bars come before it
     assert last.startswith("mtl: error: loss became") and "epoch 2 step" in last, last
     state = load_state(out / "state.pt")
@@ -51,11 +43,11 @@ def test_bad_training_image_fails_or_is_skipped_by_config(
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     config = write_config(tmp_path / "cfg.yaml", data, tmp_path / "cache", pretrain={"epochs": 1})
     out = tmp_path / "run"
-    assert _run(["pretrain", "--config", str(config), "--out", str(out)]) == 2
+    assert main(["pretrain", "--config", str(config), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert str(bad) in err and "on_bad_image" in err and "Traceback" not in err
     with pytest.warns(UserWarning, match="broken.png"):
-        code = _run(
+        code = main(
             [
                 "pretrain",
                 "--config",

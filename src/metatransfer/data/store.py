@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 CACHE_FORMAT = 1  # bump when the cache layout or the decoding changes
 CHUNK = 256  # images per decode task: large enough to amortise scheduling, small for a smooth progress bar
 MAX_LISTED = 50  # bad paths spelled out in one message; the sidecar JSON keeps all of them
-ON_BAD_IMAGE = ("fail", "skip")
 
 
 @dataclass(frozen=True)
@@ -353,10 +352,6 @@ def open_split(data: DataConfig, split: str, *, progress: bool = True) -> ImageS
     Bad images: ``data.on_bad_image == "fail"`` raises DataError naming them all; ``"skip"`` warns naming
     them and leaves them out.
     """
-    if data.on_bad_image not in ON_BAD_IMAGE:
-        raise ConfigError(
-            f"data.on_bad_image must be one of {', '.join(ON_BAD_IMAGE)}, got {data.on_bad_image!r}"
-        )
     store, bad = load_or_build(
         data.dataset,
         data.root,

@@ -20,16 +20,17 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from metatransfer.config import Config
+from metatransfer.config import Config, Method, check_value
 from metatransfer.data.augment import to_float
+from metatransfer.data.preprocess import Preprocess
 from metatransfer.data.sampler import EpisodeSampler
 from metatransfer.data.store import ImageStore, open_split
 from metatransfer.device import Runtime, resolve_runtime
-from metatransfer.errors import UserError
+from metatransfer.errors import TrainingError, UserError
 from metatransfer.models.base_learner import InnerLoop
-from metatransfer.models.meta_learner import MODEL_FILE, MetaLearner, load_meta_model
+from metatransfer.models.meta_learner import MetaLearner
+from metatransfer.models.model_files import BACKBONE_FILE, MODEL_FILE, load_backbone, load_meta_model
 from metatransfer.runs import atomic_write_text, is_finished, load_weights, read_json
-from metatransfer.train.common import BACKBONE_FILE, Preprocess, load_backbone
 from metatransfer.train.evaluate import (
     confidence_interval,
     episode_labels,
@@ -122,7 +123,7 @@ def finetune_all(
 def method_config(cfg: Config, method: str, shot: int) -> Config:
     m = cfg.meta
     ht = dataclasses.replace(m.ht, enabled=method == "mtl-ht")
-    name = "mtl" if method == "mtl-ht" else method
+    name = check_value("mtl" if method == "mtl-ht" else method, Method, "meta.method")
     return dataclasses.replace(cfg, meta=dataclasses.replace(m, method=name, shot=shot, ht=ht))
 
 
@@ -136,8 +137,13 @@ def ablate(
     *,
     update_all_episodes: int = 100,
     overwrite: bool = False,
+    keep_going: bool = False,
 ) -> list[Row]:
-    """Run the ablation; writes out/ablation.md and out/ablation.csv and returns the rows."""
+    """Run the ablation; writes out/ablation.md and out/ablation.csv and returns the rows.
+
+    A row that fails stops the ablation with a TrainingError (the tables keep the rows so far), unless
+    `keep_going`: then it is marked failed in the tables and the next row runs.
+    """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise UserError(f"unknown ablation method '{unknown[0]}'; choose from {', '.join(METHODS)}")
@@ -199,6 +205,10 @@ def ablate(
             rows.append(row)
             print(_describe(row))
             write_tables(out, rows, shots)
+            if row.error and not keep_going:
+                raise TrainingError(
+                    f"ablation row {method} {shot}-shot failed: {row.error}; pass --keep-going to go on past failed rows"
+                )
     return rows
 
 

@@ -17,10 +17,10 @@ import torch
 from metatransfer import distributed as dist
 from metatransfer.config import Config
 from metatransfer.data.augment import BatchAugment
+from metatransfer.data.preprocess import Preprocess
 from metatransfer.device import Runtime
 from metatransfer.errors import TrainingError
 from metatransfer.runs import MetricsLog, RunDir, load_state, save_state, write_json
-from metatransfer.train.common import Preprocess
 
 STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.csv"

@@ -20,9 +20,10 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
+from metatransfer.config import Split, choices
 from metatransfer.errors import ConfigError, DataError
 
-SPLIT_NAMES = ("train", "val", "test")
+SPLIT_NAMES = choices(Split)
 # Extensions of the generic image-folder layout (compared lower-case, so ".JPG" counts too).
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 
