@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -43,7 +44,23 @@ def test_config_error_is_a_user_error() -> None:
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_load(path: Path) -> None:
     cfg = load_config(path)
-    assert isinstance(cfg, Config)
+    # Every value the file sets is the config's (nothing ignored or silently converted).
+    for key, value in _leaves(read_yaml(path)):
+        node: Any = cfg
+        for part in key.split("."):
+            node = node[part] if isinstance(node, dict) else getattr(node, part)
+        assert node == value, key
+
+
+def _leaves(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """("a.b", value) for every non-mapping value of a nested mapping (backbone_args stays whole)."""
+    out = []
+    for k, v in tree.items():
+        if isinstance(v, dict) and k != "backbone_args":
+            out += _leaves(v, f"{prefix}{k}.")
+        else:
+            out.append((f"{prefix}{k}", v))
+    return out
 
 
 def test_yaml_layers_apply_in_order_and_merge_nested_sections(tmp_path: Path) -> None:

@@ -29,8 +29,8 @@ from PIL import Image
 
 from metatransfer.config import MetaConfig, build_config, load_config
 from metatransfer.data.preprocess import Preprocess
-from metatransfer.data.readers.base import IMAGE_EXTENSIONS, class_folders_split
-from metatransfer.data.store import ImageStore, decode_error_reason, decode_image
+from metatransfer.data.readers.base import IMAGE_EXTENSIONS, class_folders_split, read_regular_file
+from metatransfer.data.store import ImageStore, decode_error_reason, decode_image, refuse_decompression_bombs
 from metatransfer.device import Runtime, resolve_runtime
 from metatransfer.errors import UserError
 from metatransfer.models.meta_learner import MetaLearner, inner_loop
@@ -50,7 +50,6 @@ Images = Sequence[ImageInput] | np.ndarray | torch.Tensor
 
 def _hwc_uint8(a: np.ndarray, what: str) -> np.ndarray:
     """An image array -> [H, W, C] uint8 (C in 1, 3, 4), following the conventions documented on `FewShotLearner`."""
-
     if a.ndim == 2:
         a = a[:, :, None]
     elif a.ndim == 3 and a.shape[-1] not in (1, 3, 4):
@@ -61,6 +60,8 @@ def _hwc_uint8(a: np.ndarray, what: str) -> np.ndarray:
         a = a.transpose(1, 2, 0)
     elif a.ndim != 3:
         raise UserError(f"{what}: expected an image of shape [H, W], [H, W, C] or [C, H, W], got {a.shape}")
+    if a.size == 0:
+        raise UserError(f"{what}: the image is empty (shape {list(a.shape)})")
     if a.dtype == np.uint8:
         return np.ascontiguousarray(a)
     if not np.issubdtype(a.dtype, np.floating):
@@ -78,11 +79,11 @@ def image_array(image: ImageInput, pre: Preprocess, what: str = "image") -> np.n
 
     A path that cannot be read or decoded raises UserError naming it.
     """
-
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
         try:
-            return decode_image(path.read_bytes(), pre.size, pre.channels)
+            with refuse_decompression_bombs():
+                return decode_image(read_regular_file(path), pre.size, pre.channels)
         except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt data; all mean "bad image"
             raise UserError(
                 f"cannot read image {path}: {decode_error_reason(e)}; replace or remove it"
@@ -103,7 +104,6 @@ def image_array(image: ImageInput, pre: Preprocess, what: str = "image") -> np.n
 
 def _items(images: Images) -> list[ImageInput]:
     """The images of a batch argument: a sequence, or a 4-D array/tensor [B, H, W, C] / [B, C, H, W]."""
-
     if isinstance(images, (str, os.PathLike, Image.Image)):
         raise UserError("expected a list of images; wrap a single image in a list: [image]")
     if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim != 4:
@@ -116,7 +116,6 @@ def _items(images: Images) -> list[ImageInput]:
 
 def _stack(arrays: Sequence[np.ndarray], pre: Preprocess) -> np.ndarray:
     """[size, size, channels] uint8 arrays -> [n, size, size, channels] (n may be 0)."""
-
     shape = (0, pre.size, pre.size, pre.channels)
     return np.stack(arrays) if arrays else np.zeros(shape, dtype=np.uint8)
 
@@ -155,7 +154,6 @@ class FewShotLearner:
 
     def features(self, arrays: np.ndarray) -> torch.Tensor:
         """[n, size, size, channels] uint8 -> backbone features [n, d] float32 (eval mode), as meta-test computes them."""
-
         store = ImageStore.from_offsets(arrays, np.array([0, len(arrays)]), ["images"], "predict")
         return extract_features(self.model.backbone, store, self.runtime, self.pre.mean, self.pre.std)
 
@@ -166,7 +164,6 @@ class FewShotLearner:
         (by class, then by pixel content) first, so the result does not depend on the order given.
         Returns self.
         """
-
         arrays = self.to_arrays(images)
         labels = list(labels)
         if len(labels) != len(arrays):
@@ -187,7 +184,6 @@ class FewShotLearner:
 
     def probabilities(self, arrays: np.ndarray) -> np.ndarray:
         """[n, size, size, channels] uint8 (see `to_arrays`) -> class probabilities [n, len(classes)] float32."""
-
         if self._support is None:
             raise UserError("call fit(support_images, support_labels) before predicting")
         way = len(self.classes)
@@ -310,7 +306,6 @@ class QueryResult:
 
 def query_files(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
     """Files named directly (whatever their extension) plus the images found recursively in folders."""
-
     found: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -339,7 +334,6 @@ def predict_folder(
     Support problems (fewer than 2 classes, an empty class folder, an unreadable image) raise
     UserError; an unreadable query file becomes a result with `error` set.
     """
-
     root = Path(support)
     if not root.is_dir():
         raise UserError(f"support folder {root} does not exist; give a folder with one sub-folder per class")
