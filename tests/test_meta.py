@@ -196,3 +196,42 @@ def test_ablate_runs_every_method_on_identical_episodes(pretrained: tuple[Path, 
         for m in ("mtl", "ft-last")
     }
     assert ids["mtl"] == ids["ft-last"] == 13
+
+
+def test_ablate_stops_at_a_failed_row_unless_keep_going(
+    pretrained: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from metatransfer.errors import TrainingError
+    from metatransfer.train import baselines
+
+    def diverge(*args: object, **kwargs: object) -> None:
+        raise TrainingError("loss became nan at task 2")
+
+    monkeypatch.setattr(baselines, "meta_train", diverge)
+    config, tmp = pretrained
+    args = [
+        "ablate",
+        "--config",
+        str(config),
+        "--pretrained",
+        str(tmp / "pre"),
+        "--shots",
+        "1",
+        "--episodes",
+        "4",
+    ]
+    methods = ["--methods", "ncm,mtl,logreg"]
+    assert main([*args, *methods, "--out", str(tmp / "stop")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (
+        err.startswith("mtl: error: ablation row mtl 1-shot failed: loss became nan")
+        and "--keep-going" in err
+    )
+    with (tmp / "stop" / "ablation.csv").open() as f:
+        assert [r["method"] for r in csv.DictReader(f)] == ["ncm", "mtl"]  # stopped at the failed row
+    assert main([*args, *methods, "--out", str(tmp / "go"), "--keep-going"]) == 0
+    with (tmp / "go" / "ablation.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert (
+        [r["method"] for r in rows] == ["ncm", "mtl", "logreg"] and rows[1]["error"] and not rows[2]["error"]
+    )

@@ -282,6 +282,8 @@ def test_api_errors(run: Path, episode: tuple[Path, Path], tmp_path: Path) -> No
         learner.fit([image, image], ["x"])
     with pytest.raises(UserError, match=r"float pixels must lie in \[0, 1\]"):
         learner.fit([image * 1.0 + 2, image], ["x", "y"])
+    with pytest.raises(UserError, match=r"image 0: the image is empty \(shape \[0, 0, 1\]\)"):
+        learner.fit([np.zeros((0, 0), np.float32), image], ["x", "y"])
     with pytest.raises(UserError, match="wrap a single image in a list"):
         learner.predict("x.png")
     pickled = tmp_path / "model.pt"
