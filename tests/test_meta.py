@@ -12,11 +12,13 @@ import torch
 from metatransfer.cli import main
 from metatransfer.config import load_config
 from metatransfer.data.preprocess import Preprocess
+from metatransfer.data.sampler import EpisodeSampler
 from metatransfer.data.store import ImageStore
 from metatransfer.device import resolve_runtime
 from metatransfer.models.backbones import create_backbone
 from metatransfer.models.meta_learner import MetaLearner, prepare_backbone
 from metatransfer.models.scale_shift import SSConv2d
+from metatransfer.train.baselines import finetune_all
 from metatransfer.train.meta import MetaTrainer, TaskBatch
 
 from tiny import write_config, write_pattern_folder
@@ -235,3 +237,16 @@ def test_ablate_stops_at_a_failed_row_unless_keep_going(
     assert (
         [r["method"] for r in rows] == ["ncm", "mtl", "logreg"] and rows[1]["error"] and not rows[2]["error"]
     )
+
+
+def test_update_all_scores_with_the_configured_temperature() -> None:
+    cfg = load_config(None, ["precision=fp32"])
+    torch.manual_seed(0)
+    backbone = create_backbone("conv4", 1, hidden=4)
+    store, pre = _store(), Preprocess(28, 1, (0.5,), (0.25,))
+    sampler = EpisodeSampler(store, 3, 1, 3, seed=0)
+    args = (backbone, store, pre, resolve_runtime(cfg), sampler, 3)
+    # Temperature 0 zeroes the features: the head's gradient vanishes on a balanced support set, so
+    # every query gets class 0 and each episode scores exactly 1/way.
+    assert np.allclose(finetune_all(*args, temperature=0.0, steps=2), 1 / 3)
+    assert not np.allclose(finetune_all(*args, temperature=10.0, steps=2), 1 / 3)

@@ -112,7 +112,7 @@ class ScaledOptimizer:
     def __init__(self, optimizer: torch.optim.Optimizer, runtime: Runtime) -> None:
         self.optimizer = optimizer
         self.scaler = runtime.grad_scaler()
-        self.skipped = 0  # steps skipped for inf/NaN gradients in this process
+        self.skipped = 0  # steps skipped for inf/NaN gradients since the last `take_skipped`
 
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
@@ -126,6 +126,11 @@ class ScaledOptimizer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.skipped += int(self.scaler.get_scale() < before)
+
+    def take_skipped(self) -> int:
+        """Steps skipped since the last call (for a metrics row)."""
+        n, self.skipped = self.skipped, 0
+        return n
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}

@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,14 +43,7 @@ from metatransfer.models.base_learner import (
 from metatransfer.models.meta_learner import MetaLearner, inner_loop, prepare_backbone
 from metatransfer.models.model_files import BACKBONE_FILE, MODEL_FILE, load_backbone, save_meta_model
 from metatransfer.models.scale_shift import describe_trainable
-from metatransfer.runs import (
-    MetricsLog,
-    RunDir,
-    atomic_write_text,
-    load_state,
-    save_state,
-    write_json,
-)
+from metatransfer.runs import atomic_write_text
 from metatransfer.train.evaluate import (
     confidence_interval,
     episode_labels,
@@ -57,10 +51,9 @@ from metatransfer.train.evaluate import (
     extract_features,
 )
 from metatransfer.train.hard_tasks import failure_classes, hard_task_classes
-from metatransfer.train.loop import Throughput, check_finite, make_augment
+from metatransfer.train.loop import ScaledOptimizer, Throughput, TrainingRun, check_finite, make_augment
 
 LAST_FILE = "last.safetensors"  # the end of meta-training
-STATE_FILE = "state.pt"
 HARD_SALT = 1  # hard tasks draw from their own episode stream, so HT leaves ordinary tasks unchanged
 
 
@@ -85,7 +78,9 @@ class TaskBatch:
 
 
 class MetaTrainer:
-    """One meta-training run's moving parts; `step` learns one meta-batch (plus its hard tasks)."""
+    """One meta-training run's moving parts; `learn` makes one outer update on a batch of tasks, as
+    `Pretrainer.step` learns one batch of images, and `next_meta_batch` learns the next meta-batch of
+    the run (plus its hard tasks), counting `tasks_done` and `hard_done`."""
 
     def __init__(
         self, cfg: Config, learner: MetaLearner, train: ImageStore, pre: Preprocess, runtime: Runtime
@@ -104,6 +99,7 @@ class MetaTrainer:
         if self.backbone_params:
             groups.append({"params": self.backbone_params, "lr": m.lr_ss})
         self.opt = torch.optim.Adam(groups)
+        self.update = ScaledOptimizer(self.opt, runtime)
         self.base_lrs = [g["lr"] for g in self.opt.param_groups]
         self.sampler = EpisodeSampler(train, m.way, m.shot, m.query, cfg.seed)
         self.loop = inner_loop(m)
@@ -112,6 +108,9 @@ class MetaTrainer:
         # and the small no-grad support forward would cost a compile of its own.
         self._query_forward = runtime.compiled(learner.backbone)
         self.failures: Counter[int] = Counter()
+        self.tasks_done = self.hard_done = 0
+        self.losses: list[float] = []  # query loss and accuracy of each meta-batch since the last row
+        self.accs: list[float] = []
 
     def _images(self, rows: np.ndarray, gen: torch.Generator) -> torch.Tensor:
         flat = rows.reshape(-1)
@@ -142,7 +141,7 @@ class MetaTrainer:
         self.opt.zero_grad(set_to_none=True)
         if t == 0:  # fewer tasks than ranks (e.g. one hard task on two ranks): still join the all-reduce
             dist.all_reduce_grads(params)
-            self.opt.step()
+            self.update.step()
             return float("nan"), np.zeros((0, self.m.way)), np.zeros((0, self.m.way))
         gen = torch.Generator(device=self.runtime.device).manual_seed(step_seed)
         self.learner.backbone.eval()  # BN keeps phase-1 statistics; its affine may still be meta-learned
@@ -166,13 +165,89 @@ class MetaTrainer:
         loss = F.cross_entropy(scores.reshape(-1, self.m.way), yq.reshape(-1))
         check_finite(loss, where)
         # Each rank weighs its mean by its share of the tasks, so the all-reduced sum is the mean over all.
-        (loss * (t / total)).backward()
+        self.update.backward(loss * (t / total))
         dist.all_reduce_grads(params)
-        self.opt.step()
+        self.update.step()
         with torch.no_grad():
             acc = per_class_accuracy(scores, yq, self.m.way).cpu().numpy()
             cls_loss = per_class_loss(scores, yq, self.m.way).cpu().numpy()
         return float(loss.detach()), acc, cls_loss
+
+    def next_meta_batch(self) -> tuple[float, float]:
+        """Learn the next meta-batch (this rank's share of its tasks), then its hard tasks when HT is on.
+
+        Episodes and augmentation of meta-batch k come from (seed, k), so a resumed run continues
+        exactly. Returns (mean query loss, mean query accuracy) of the ordinary tasks on this rank.
+        """
+        m = self.m
+        step_seed = self.cfg.seed * 1_000_003 + 2 * (self.tasks_done // m.meta_batch)
+        self.set_lr(self.tasks_done)
+        mine = dist.rank_share(list(range(self.tasks_done, self.tasks_done + m.meta_batch)))
+        batch = TaskBatch.of([self.sampler.episode(i) for i in mine])
+        where = f"meta-training task {self.tasks_done + 1}"
+        loss, acc, cls_loss = self.learn(batch, step_seed=step_seed, total=m.meta_batch, where=where)
+        self.tasks_done += m.meta_batch
+        if m.ht.enabled and self.tasks_done > m.ht.start_after:
+            whole = TaskBatch(*(dist.gather_rows(a) for a in (batch.classes, batch.support, batch.query)))
+            hard = self.hard_batch(whole, dist.gather_rows(acc), dist.gather_rows(cls_loss), self.hard_done)
+            share = TaskBatch(*(dist.rank_share(a) for a in (hard.classes, hard.support, hard.query)))
+            where = f"hard task {self.hard_done + 1}"
+            self.learn(share, step_seed=step_seed + 1, total=len(hard), where=where)
+            self.hard_done += len(hard)
+        self.losses.append(loss)
+        self.accs.append(float(acc.mean()))
+        return self.losses[-1], self.accs[-1]
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resume needs besides the step: weights, optimiser and loss scale, counters, failures."""
+        return {
+            "model": self.learner.state_dict(),
+            **self.update.state_dict(),
+            "tasks": self.tasks_done,
+            "hard": self.hard_done,
+            "failures": {str(k): v for k, v in self.failures.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.learner.load_state_dict(state["model"])
+        self.update.load_state_dict(state)
+        self.tasks_done, self.hard_done = int(state["tasks"]), int(state["hard"])
+        self.failures = Counter({int(k): int(v) for k, v in state["failures"].items()})
+
+    def describe(self) -> str:
+        m = self.m
+        return (
+            f"meta-training '{m.method}' {m.way}-way {m.shot}-shot, {m.tasks} tasks in meta-batches of {m.meta_batch}"
+            f"{' + hard tasks' if m.ht.enabled else ''}; {describe_trainable(self.learner)}"
+        )
+
+    def recent(self) -> dict[str, str]:
+        """Mean query loss and accuracy of the last 50 meta-batches, for a progress bar."""
+        return {"loss": f"{np.mean(self.losses[-50:]):.3f}", "acc": f"{np.mean(self.accs[-50:]):.3f}"}
+
+    def progress_row(self, tasks_per_s: float) -> dict[str, float | int]:
+        """A metrics row with the mean query loss and accuracy since the last row (which it then forgets)."""
+        row: dict[str, float | int] = {
+            "step": self.tasks_done,
+            "tasks": self.tasks_done,
+            "hard_tasks": self.hard_done,
+            "train_loss": float(np.mean(self.losses)),
+            "train_query_acc": float(np.mean(self.accs)),
+            "tasks_per_s": tasks_per_s,
+        }
+        self.losses.clear()
+        self.accs.clear()
+        if self.update.scaler.is_enabled():
+            row["skipped_steps"] = self.update.take_skipped()  # fp16 steps with inf/NaN gradients
+        return row
+
+    def progress_line(self, row: dict[str, float | int]) -> str:
+        top = ", ".join(f"{self.train.classes[c]}x{n}" for c, n in self.failures.most_common(10))
+        return (
+            f"tasks {row['tasks']} (+{row['hard_tasks']} hard): query acc {100 * row['train_query_acc']:.1f}%, "
+            f"val {100 * row['val_acc']:.2f} ± {100 * row['val_ci']:.2f}%"
+            + (f"; top failure classes: {top}" if top else "")
+        )
 
     def set_lr(self, tasks_done: int) -> None:
         factor = self.m.lr_decay ** (tasks_done // max(self.m.lr_decay_every, 1))
@@ -205,6 +280,44 @@ class MetaTrainer:
         return confidence_interval(accs)
 
 
+def initial_learner(cfg: Config, pretrained: Path) -> tuple[MetaLearner, Preprocess]:
+    """The learner meta-training starts from: the phase-1 backbone (a run directory or its file) adapted
+    for `meta.method`, and theta at zero; with the backbone's preprocessing."""
+    source = pretrained / BACKBONE_FILE if pretrained.is_dir() else pretrained
+    backbone, pre, _ = load_backbone(source)
+    if pre.size != cfg.data.size:
+        raise UserError(
+            f"{source} was pre-trained at {pre.size}px but data.size is {cfg.data.size}; use the same size"
+        )
+    prepare_backbone(backbone, cfg.meta)
+    return MetaLearner(backbone, cfg.meta.way), pre
+
+
+@dataclass
+class MetaValidator:
+    """Fixed val episodes of the trained way and shot, scored after adapting theta as meta-test does;
+    the best learner so far (the start included) is kept in `out/model.safetensors`."""
+
+    trainer: MetaTrainer
+    store: ImageStore
+    out: Path
+    best: float = -1.0
+
+    def __post_init__(self) -> None:
+        m, seed = self.trainer.m, self.trainer.cfg.eval.selection_seed
+        self.sampler = EpisodeSampler(self.store, m.way, m.shot, m.query, seed)
+
+    def __call__(self, row: dict[str, float | int]) -> dict[str, float | int]:
+        """Validate now; returns `row` with val_acc, val_ci and val_s added."""
+        t0 = time.perf_counter()
+        tr = self.trainer
+        val_acc, val_ci = tr.validate(self.store, self.sampler, tr.m.val_episodes)
+        if val_acc > self.best:
+            self.best = val_acc
+            save_meta_model(self.out / MODEL_FILE, tr.learner, tr.cfg, tr.pre, tasks=str(tr.tasks_done))
+        return {**row, "val_acc": val_acc, "val_ci": val_ci, "val_s": time.perf_counter() - t0}
+
+
 def meta_train(
     cfg: Config, pretrained: Path, out: Path, *, overwrite: bool = False, resume: bool | None = None
 ) -> Path:
@@ -216,131 +329,44 @@ def meta_train(
         raise UserError(
             f"meta.meta_batch={m.meta_batch} is smaller than the {ctx.world_size} ranks; raise it"
         )
-    source = pretrained / BACKBONE_FILE if pretrained.is_dir() else pretrained
-    backbone, pre, _ = load_backbone(source)
-    if pre.size != cfg.data.size:
-        raise UserError(
-            f"{source} was pre-trained at {pre.size}px but data.size is {cfg.data.size}; use the same size"
-        )
+    learner, pre = initial_learner(cfg, pretrained)
     train = open_split(cfg.data, "train", progress=ctx.is_main)
     val = open_split(cfg.data, "val", progress=ctx.is_main)
-    prepare_backbone(backbone, m)
-    learner = MetaLearner(backbone, m.way)
     runtime.model(learner)
     trainer = MetaTrainer(cfg, learner, train, pre, runtime)
-    val_sampler = EpisodeSampler(val, m.way, m.shot, m.query, cfg.eval.selection_seed)
-    run = RunDir.open(out, cfg, overwrite=overwrite, resume=resume) if ctx.is_main else None
-    tasks_done = hard_done = 0
-    best = -1.0
-    resuming = dist.broadcast_flag(run.resuming if run else False)
-    if resuming:
-        state = load_state(out / STATE_FILE)
-        learner.load_state_dict(state["model"])
-        trainer.opt.load_state_dict(state["optimizer"])
-        tasks_done, hard_done, best = int(state["tasks"]), int(state["hard"]), float(state["best"])
-        trainer.failures = Counter({int(k): int(v) for k, v in state["failures"].items()})
-    log = MetricsLog(out / "metrics.csv", resume=resuming, keep_until=tasks_done) if run else None
-    if ctx.is_main:
-        print(
-            f"meta-training '{m.method}' {m.way}-way {m.shot}-shot, {m.tasks} tasks in meta-batches of {m.meta_batch}"
-            f"{' + hard tasks' if m.ht.enabled else ''}; {describe_trainable(learner)}"
-        )
-    if tasks_done == 0 and ctx.is_main and not resuming:
-        val_acc, val_ci = trainer.validate(val, val_sampler, m.val_episodes)
-        assert log is not None
-        log.append({"step": 0, "tasks": 0, "hard_tasks": 0, "val_acc": val_acc, "val_ci": val_ci})
-        tqdm.write(f"before meta-training: val {100 * val_acc:.2f} ± {100 * val_ci:.2f}%")
-        # The starting point competes too: the kept model is never worse on val than no meta-training.
-        best = val_acc
-        save_meta_model(out / MODEL_FILE, learner, cfg, pre, tasks="0")
-    speed = Throughput()
-    bar = tqdm(total=m.tasks, initial=tasks_done, desc="meta-train", unit="task", disable=not ctx.is_main)
-    try:
-        losses: list[float] = []
-        accs: list[float] = []
-        while tasks_done < m.tasks:
-            step = tasks_done // m.meta_batch
-            trainer.set_lr(tasks_done)
-            mine = dist.rank_share(list(range(tasks_done, tasks_done + m.meta_batch)))
-            batch = TaskBatch.of([trainer.sampler.episode(i) for i in mine])
-            loss, acc, cls_loss = trainer.learn(
-                batch,
-                step_seed=cfg.seed * 1_000_003 + 2 * step,
-                total=m.meta_batch,
-                where=f"meta-training task {tasks_done + 1}",
-            )
-            losses.append(loss)
-            accs.append(float(acc.mean()))
-            tasks_done += m.meta_batch
-            if m.ht.enabled and tasks_done > m.ht.start_after:
-                whole = TaskBatch(*(dist.gather_rows(a) for a in (batch.classes, batch.support, batch.query)))
-                hard = trainer.hard_batch(whole, dist.gather_rows(acc), dist.gather_rows(cls_loss), hard_done)
-                share = TaskBatch(*(dist.rank_share(a) for a in (hard.classes, hard.support, hard.query)))
-                trainer.learn(
-                    share,
-                    step_seed=cfg.seed * 1_000_003 + 2 * step + 1,
-                    total=len(hard),
-                    where=f"hard task {hard_done + 1}",
-                )
-                hard_done += len(hard)
-            speed.add(m.meta_batch)
-            bar.update(m.meta_batch)
-            bar.set_postfix(
-                loss=f"{np.mean(losses[-50:]):.3f}",
-                acc=f"{np.mean(accs[-50:]):.3f}",
-                tasks_s=f"{speed.rate:.2f}",
-            )
-            if tasks_done % m.val_every < m.meta_batch or tasks_done >= m.tasks:
-                if ctx.is_main:
-                    t0 = time.perf_counter()
-                    val_acc, val_ci = trainer.validate(val, val_sampler, m.val_episodes)
-                    if val_acc > best:
-                        best = val_acc
-                        save_meta_model(out / MODEL_FILE, learner, cfg, pre, tasks=str(tasks_done))
-                    assert log is not None
-                    log.append(
-                        {
-                            "step": tasks_done,
-                            "tasks": tasks_done,
-                            "hard_tasks": hard_done,
-                            "train_loss": float(np.mean(losses)),
-                            "train_query_acc": float(np.mean(accs)),
-                            "val_acc": val_acc,
-                            "val_ci": val_ci,
-                            "tasks_per_s": speed.rate,
-                            "val_s": time.perf_counter() - t0,
-                        }
-                    )
-                    save_state(
-                        out / STATE_FILE,
-                        {
-                            "model": learner.state_dict(),
-                            "optimizer": trainer.opt.state_dict(),
-                            "tasks": tasks_done,
-                            "hard": hard_done,
-                            "best": best,
-                            "failures": {str(k): v for k, v in trainer.failures.items()},
-                        },
-                    )
-                    top = ", ".join(f"{train.classes[c]}x{n}" for c, n in trainer.failures.most_common(10))
-                    tqdm.write(
-                        f"tasks {tasks_done} (+{hard_done} hard): query acc {100 * np.mean(accs):.1f}%, "
-                        f"val {100 * val_acc:.2f} ± {100 * val_ci:.2f}%"
-                        + (f"; top failure classes: {top}" if top else "")
-                    )
-                    if m.ht.enabled:
-                        _write_failures(out / "failure_classes.csv", trainer.failures, train.classes)
-                losses.clear()
-                accs.clear()
-                dist.barrier()
-    finally:
-        bar.close()
-    if run is not None:
-        save_meta_model(out / LAST_FILE, learner, cfg, pre, tasks=str(tasks_done))
-        summary = {"best_val": best, "tasks": tasks_done, "hard_tasks": hard_done, "seconds": speed.elapsed}
-        write_json(out / "summary.json", summary)
-        run.finish(summary)
-        run.close()
+    with TrainingRun(out, cfg, overwrite=overwrite, resume=resume) as run:
+        validate = MetaValidator(trainer, val, out)
+        if run.state is not None:
+            trainer.load_state_dict(run.state)
+            validate.best = float(run.state["best"])
+        if ctx.is_main:
+            print(trainer.describe())
+        if run.state is None and ctx.is_main:
+            row = validate({"step": 0, "tasks": 0, "hard_tasks": 0})
+            run.log(row)
+            tqdm.write(f"before meta-training: val {100 * row['val_acc']:.2f} ± {100 * row['val_ci']:.2f}%")
+        speed = Throughput()
+        with tqdm(
+            total=m.tasks, initial=run.step, desc="meta-train", unit="task", disable=not ctx.is_main
+        ) as bar:
+            while trainer.tasks_done < m.tasks:
+                trainer.next_meta_batch()
+                speed.add(m.meta_batch)
+                bar.update(m.meta_batch)
+                bar.set_postfix({**trainer.recent(), "tasks_s": f"{speed.rate:.2f}"})
+                if trainer.tasks_done % m.val_every < m.meta_batch or trainer.tasks_done >= m.tasks:
+                    row = trainer.progress_row(speed.rate)
+                    if ctx.is_main:
+                        row = validate(row)
+                        run.checkpoint(row, {**trainer.state_dict(), "best": validate.best})
+                        tqdm.write(trainer.progress_line(row))
+                        if m.ht.enabled:
+                            _write_failures(out / "failure_classes.csv", trainer.failures, train.classes)
+                    dist.barrier()
+        if ctx.is_main:
+            save_meta_model(out / LAST_FILE, learner, cfg, pre, tasks=str(trainer.tasks_done))
+        done = {"tasks": trainer.tasks_done, "hard_tasks": trainer.hard_done, "seconds": speed.elapsed}
+        run.finish({"best_val": validate.best, **done})
     return out / MODEL_FILE
 
 

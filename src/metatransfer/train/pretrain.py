@@ -157,7 +157,7 @@ class Pretrainer:
         gen = torch.Generator().manual_seed(seed)
         aug_gen = torch.Generator(device=self.runtime.device).manual_seed(seed + 7)
         self.model.train()
-        speed, skipped = Throughput(), self.update.skipped
+        speed = Throughput()
         loss_sum = correct = seen = 0.0
         n = self.steps_per_epoch
         bar = tqdm(
@@ -192,7 +192,7 @@ class Pretrainer:
             "epoch_s": speed.elapsed,
         }
         if self.update.scaler.is_enabled():
-            row["skipped_steps"] = self.update.skipped - skipped  # fp16 steps with inf/NaN gradients
+            row["skipped_steps"] = self.update.take_skipped()  # fp16 steps with inf/NaN gradients
         return row
 
     def state_dict(self) -> dict[str, Any]:
