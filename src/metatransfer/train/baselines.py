@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from metatransfer.config import Config, Method, check_value
+from metatransfer.config import Config, Method, check_value, choices
 from metatransfer.data.augment import to_float
 from metatransfer.data.preprocess import Preprocess
 from metatransfer.data.sampler import EpisodeSampler
@@ -40,7 +40,8 @@ from metatransfer.train.evaluate import (
 from metatransfer.train.meta import meta_train
 from metatransfer.train.meta_test import TestSetting, meta_test
 
-META_METHODS = ("ft-theta", "ft-last", "ss-last", "mtl", "mtl-ht")
+# Every meta.method, fewest adapted parameters first, then mtl with hard tasks.
+META_METHODS = (*reversed(choices(Method)), "mtl-ht")
 FEATURE_METHODS = ("ncm", "logreg", "update-theta")
 METHODS = ("update-theta", "update-all", *META_METHODS, "ncm", "logreg")
 # The grid `update-theta` picks its inner loop from, on episodes disjoint from the reported ones.
