@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,11 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     data = write_pattern_folder(tmp / "data")
     config = write_config(tmp / "tiny.yaml", data, tmp / "cache")
     out = tmp / "run"
-    assert main(["run", "--config", str(config), "--out", str(out)]) == 0
+    log = io.StringIO()  # not a terminal: progress comes as plain lines, kept for test_log_is_plain_lines
+    with redirect_stdout(log), redirect_stderr(log):
+        code = main(["run", "--config", str(config), "--out", str(out)])
+    (tmp / "log.txt").write_text(log.getvalue())
+    assert code == 0, log.getvalue()[-2000:]
     return out, config
 
 
@@ -44,6 +50,36 @@ def test_run_writes_every_phase(tiny_run: tuple[Path, Path]) -> None:
     assert entry["accuracy"] > 0.6
     summary = json.loads((out / "summary.json").read_text())
     assert summary[0]["accuracy"] == pytest.approx(entry["accuracy"])
+
+
+def test_log_is_plain_lines(tiny_run: tuple[Path, Path]) -> None:
+    out, _ = tiny_run
+    log = (out.parent / "log.txt").read_text()
+    assert "\r" not in log  # no bar redraws: one line per event
+    lines = log.splitlines()
+    for epoch in (1, 2, 3):
+        assert sum(line.startswith(f"epoch {epoch}/3: loss ") for line in lines) == 1
+    assert sum(line.startswith("before meta-training: val ") for line in lines) == 1
+    assert [line.split(" ")[1] for line in lines if line.startswith("tasks ")] == ["4/8", "8/8"]
+    assert lines[-1] == f"report: {out / 'report.md'}"
+    assert len(lines) < 30, log
+
+
+def test_run_draws_curves_and_writes_the_report(tiny_run: tuple[Path, Path]) -> None:
+    out, _ = tiny_run
+    for folder in (out, out / "pretrain", out / "meta-1shot"):
+        assert (folder / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", folder
+    report = (out / "report.md").read_text()
+    assert "![training curves](curves.png)" in report
+    entry = json.loads((out / "meta-1shot" / "results.json").read_text())[
+        "test/3-way/1-shot/30-episodes/seed-0"
+    ]
+    assert (
+        f"| meta-1shot | test | 3 | 1 | 4 | 30 (0) | {100 * entry['accuracy']:.2f} | ± {100 * entry['ci95']:.2f} |"
+        in report
+    )
+    rows = (out / "pretrain" / "metrics.csv").read_text().splitlines()[1:]
+    assert "3/3 epochs" in report and len(rows) == 3
 
 
 def test_pretraining_loss_falls(tiny_run: tuple[Path, Path]) -> None:

@@ -8,6 +8,7 @@ console script and `python -m metatransfer` exit with it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -31,6 +32,9 @@ from metatransfer.config import (
 from metatransfer.errors import UserError
 
 Handler = Callable[[argparse.Namespace], int]
+QUIET_HELP = (
+    "no progress bars, status lines or per-epoch notes (results and errors still print); see MTL_PROGRESS"
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -60,8 +64,16 @@ def _numbers(tp: Any, name: str) -> Callable[[str], list[Any]]:
 
 
 def _config(args: argparse.Namespace, extra: Sequence[str] = ()) -> Any:
-    """The config file (or defaults), then --set overrides, then --data-root mapped to the dataset folder."""
+    """The config file (or defaults), then --set overrides (and `extra` ones), then --data-root mapped to
+    the dataset folder (and --tensorboard; refused at once, before any work, when tensorboard is not
+    installed)."""
     cfg = load_config(getattr(args, "config", None), [*(args.set or []), *extra])
+    if getattr(args, "tensorboard", False):
+        cfg = dataclasses.replace(cfg, logging=dataclasses.replace(cfg.logging, tensorboard=True))
+    if cfg.logging.tensorboard:
+        from metatransfer.monitor import require_tensorboard
+
+        require_tensorboard()
     return _with_data_root(cfg, getattr(args, "data_root", None))
 
 
@@ -222,6 +234,71 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from metatransfer.report import cmd_report as report
+
+    print(report(args.run_dir, args.json))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from metatransfer.card import describe, render
+
+    desc = describe(args.model)
+    print(json.dumps(desc, indent=2) if args.json else render(desc))
+    return 0
+
+
+def version_text() -> str:
+    """`mtl --version`: the versions a bug report needs (package, Python, torch, the device torch sees)."""
+    import platform
+
+    import torch
+
+    from metatransfer import __version__
+    from metatransfer.device import cpu_has_bf16
+
+    lines = [
+        f"metatransfer {__version__}",
+        f"python {platform.python_version()}",
+        f"torch {torch.__version__}",
+    ]
+    if torch.cuda.is_available():
+        names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+        lines.append(f"device: cuda {torch.version.cuda} ({names})")
+    else:
+        cpu = _cpu_name()
+        bf16 = "native bf16" if cpu_has_bf16() else "no native bf16"
+        lines.append(f"device: cpu ({cpu}, {torch.get_num_threads()} threads, {bf16}); no CUDA device")
+    return "\n".join(lines)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+class _Version(argparse.Action):
+    """Prints `version_text` and exits; torch is imported only when asked (keeps `mtl --help` fast)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: object) -> None:
+        super().__init__(
+            option_strings, dest, nargs=0, default=argparse.SUPPRESS, help="print versions and exit"
+        )
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        print(version_text())
+        parser.exit()
+
+
 def _common_train_args(p: argparse.ArgumentParser, *, config_required: bool = True) -> None:
     p.add_argument("--config", required=config_required, help="YAML config file (see configs/)")
     p.add_argument("--data-root", help="folder holding the dataset (or its parent, e.g. ../shared/data)")
@@ -233,6 +310,11 @@ def _common_train_args(p: argparse.ArgumentParser, *, config_required: bool = Tr
         "--overwrite",
         action="store_true",
         help="replace a finished run in --out (only files metatransfer wrote)",
+    )
+    p.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write TensorBoard scalars into each run directory (needs metatransfer[tensorboard])",
     )
 
 
@@ -341,14 +423,31 @@ def _add_model_commands(sub: Any) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("report", help="summary of a run (Markdown or --json); redraws its curves.png")
+    p.add_argument("run_dir", help="a run directory: one phase, or the folder mtl run wrote")
+    p.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("info", help="what a model is: its card (data, backbone, config, results)")
+    p.add_argument("model", help="exported .mtl file or meta-train run directory")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_info)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mtl", description="Meta-Transfer Learning for few-shot classification")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
+    parser.add_argument("--version", action=_Version)
+    parser.add_argument("-q", "--quiet", action="store_true", help=QUIET_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_data_commands(sub)
     _add_training_commands(sub)
     _add_model_commands(sub)
+    for command in sub.choices.values():  # `mtl run --quiet ...` as well as `mtl --quiet run ...`
+        if not any("--quiet" in a.option_strings for a in command._actions):
+            command.add_argument(
+                "-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=QUIET_HELP
+            )
     return parser
 
 
@@ -368,11 +467,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help and --version exit 0 from inside argparse
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
     handler: Handler = args.func
+    from metatransfer import progress
     from metatransfer.device import keep_freed_memory
 
     keep_freed_memory()
     try:
-        return handler(args)
+        with progress.forced("off" if args.quiet else None):
+            return handler(args)
     except UserError as exc:
         if debug:
             raise

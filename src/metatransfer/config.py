@@ -231,6 +231,15 @@ class EvalConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """What a run writes for people to look at, besides metrics.csv and curves.png."""
+
+    tensorboard: bool = (
+        False  # TensorBoard scalars in each run directory (pip install 'metatransfer[tensorboard]')
+    )
+
+
+@dataclass
 class Config:
     name: str = "run"
     seed: Seed = 0
@@ -247,6 +256,7 @@ class Config:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     meta: MetaConfig = field(default_factory=MetaConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 def _unannotated(tp: Any) -> tuple[Any, tuple[Any, ...]]:

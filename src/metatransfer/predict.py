@@ -17,6 +17,7 @@ first use, so `mtl --help` and `import metatransfer` do not pay for importing to
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from metatransfer.card import CARD_KEY, build_card, card_from_metadata, now_iso
 from metatransfer.config import MetaConfig, build_config, load_config
 from metatransfer.data.preprocess import Preprocess
 from metatransfer.data.readers.base import IMAGE_EXTENSIONS, class_folders_split, read_regular_file
@@ -139,11 +141,21 @@ class FewShotLearner:
     square size and normalised with its mean/std, exactly as the training images were.
     """
 
-    def __init__(self, model: MetaLearner, pre: Preprocess, meta: MetaConfig, runtime: Runtime) -> None:
+    def __init__(
+        self,
+        model: MetaLearner,
+        pre: Preprocess,
+        meta: MetaConfig,
+        runtime: Runtime,
+        card: dict[str, Any] | None = None,
+    ) -> None:
         self.model = model.eval()
         self.pre = pre
         self.meta = meta
         self.runtime = runtime
+        # What the model is (data, backbone, config, results; see `metatransfer.card`); None for files
+        # exported before cards existed.
+        self.card = card
         self.classes: list[Hashable] = []  # after fit: the sorted labels; column order of predict_proba
         self._support: tuple[torch.Tensor, torch.Tensor] | None = None  # features [n, d], labels [n]
 
@@ -224,7 +236,8 @@ def load(
     precision = precision or _recorded_precision(path, f.info)
     runtime = resolve_runtime(build_config([{"device": device, "precision": precision}]))
     runtime.model(f.module)
-    return FewShotLearner(f.module, f.pre, f.meta, runtime)
+    card = card_from_metadata(f.info) if f.kind == "export" else build_card(path)
+    return FewShotLearner(f.module, f.pre, f.meta, runtime, card)
 
 
 def _model_path(model: str | os.PathLike[str]) -> Path:
@@ -254,8 +267,8 @@ def export_model(
 
     Tensors: the MetaLearner's state with every SS conv folded into a plain conv with bias
     (`fold_ss`), and theta. Metadata: the run's (backbone, backbone_args, preprocess, meta, ...) plus
-    `format`/`format_version` and the run's `precision`. An existing `out` is replaced only with
-    `overwrite`, and never when it is one of a run's own files. Returns the written path.
+    `format`/`format_version`, the run's `precision` and the model `card`. An existing `out` is replaced
+    only with `overwrite`, and never when it is one of a run's own files. Returns the written path.
     """
     source = Path(run)
     if source.is_dir():
@@ -270,7 +283,10 @@ def export_model(
             "already an exported model; copy the file" if model.kind == "export" else "a pre-trained backbone"
         )
         raise ModelFileError(f"{source} is {what}; export a meta-train run's {MODEL_FILE}")
-    metadata = export_metadata(model.info, _recorded_precision(source, model.info))
+    metadata = {
+        **export_metadata(model.info, _recorded_precision(source, model.info)),
+        CARD_KEY: json.dumps(build_card(source, created=now_iso())),
+    }
     # Not recorded as a run file: `--overwrite` of a run it was written into leaves the export alone.
     save_weights(out, fold_ss(model.module).state_dict(), metadata, record=False)
     return out

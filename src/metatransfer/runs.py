@@ -131,6 +131,12 @@ def _record(path: Path) -> None:
         _write_marker(path.parent, [*marker["files"], path.name])
 
 
+def record_file(path: str | Path) -> None:
+    """List `path`, written by other code than `atomic_write_bytes` (TensorBoard's event files), among
+    its folder's run files, so `--overwrite` removes it with the rest."""
+    _record(Path(path))
+
+
 def _is_legacy_run(folder: Path) -> bool:
     """A run folder from before the marker: its config.yaml is exactly what `to_yaml` writes for it."""
     from metatransfer.config import build_config, read_yaml

@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
 from metatransfer.config import ImageSize, Workers, check_value
 from metatransfer.errors import DataError
+from metatransfer.progress import track
 
 from .readers import ImageSource, SplitSpec, create_reader
 from .readers.base import describe_error
@@ -249,10 +249,7 @@ def _build(
             tmp, mode="w+", dtype=np.uint8, shape=(row, size, size, spec.channels)
         )
         _reserve(tmp, f"{spec.name} ({row} images)")
-        with (
-            tqdm(total=row, unit="img", desc=desc, disable=not progress, leave=False) as bar,
-            refuse_decompression_bombs(),
-        ):
+        with track(row, desc, "img", leave=False, enabled=progress) as bar, refuse_decompression_bombs():
             chunks = [job_list[a : a + CHUNK] for a in range(0, len(job_list), CHUNK)]
             futures = [pool.submit(_decode_jobs, chunk, out, spec.channels) for chunk in chunks]
             for chunk, fut in zip(chunks, futures, strict=True):

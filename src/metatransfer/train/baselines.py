@@ -18,7 +18,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from metatransfer.config import Config, Method, check_value, choices
 from metatransfer.data.augment import to_float
@@ -30,6 +29,7 @@ from metatransfer.errors import TrainingError, UserError
 from metatransfer.models.base_learner import InnerLoop
 from metatransfer.models.meta_learner import MetaLearner
 from metatransfer.models.model_files import BACKBONE_FILE, MODEL_FILE, load_backbone, load_meta_model
+from metatransfer.progress import track
 from metatransfer.runs import atomic_write_text, is_finished, load_weights, read_json
 from metatransfer.train.evaluate import (
     confidence_interval,
@@ -98,7 +98,8 @@ def finetune_all(
     support set (SGD, BN statistics fixed), then score the queries. The head scores L2-normalised
     features times `temperature`, as the meta base learner does. [episodes] accuracies."""
     accs = []
-    for i in tqdm(range(episodes), desc="update-all", leave=False, unit="ep"):
+    bar = track(episodes, "update-all", "ep", leave=False)
+    for i in range(episodes):
         e = sampler.episode(i)
         net = copy.deepcopy(backbone).eval()  # BN keeps its pre-trained statistics on 5-25 images
         head = nn.Linear(int(backbone.out_dim), sampler.way).to(runtime.device)  # type: ignore[arg-type]
@@ -118,6 +119,8 @@ def finetune_all(
         with torch.no_grad(), runtime.autocast():
             pred = head(F.normalize(net.eval()(xq).float(), dim=-1) * temperature).argmax(-1)
         accs.append(float((pred == yq).float().mean()))
+        bar.update(1)
+    bar.close()
     return np.asarray(accs)
 
 

@@ -16,13 +16,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from metatransfer.data.augment import to_float
 from metatransfer.data.sampler import EpisodeSampler
 from metatransfer.data.store import ImageStore
 from metatransfer.device import Runtime, eval_mode
 from metatransfer.models.base_learner import InnerLoop, adapt, logits, prepare
+from metatransfer.progress import track
 
 
 @torch.no_grad()
@@ -42,14 +42,15 @@ def extract_features(
     out: list[torch.Tensor] = []
     with eval_mode(backbone):
         starts = range(0, len(rows), batch_size)
-        for start in tqdm(
-            starts, desc=f"features {store.split}", disable=not progress, leave=False, unit="batch"
-        ):
+        bar = track(len(starts), f"features {store.split}", "batch", leave=False, enabled=progress)
+        for start in starts:
             batch = torch.from_numpy(np.ascontiguousarray(store.images[rows[start : start + batch_size]]))
             x = runtime.images(to_float(batch, mean, std))
             with runtime.autocast():
                 f = backbone(x)
             out.append(f.float().cpu())
+            bar.update(1)
+        bar.close()
     return torch.cat(out) if out else torch.empty(0)
 
 
@@ -125,7 +126,7 @@ def evaluate_features(
     all_ids = np.arange(episodes) if ids is None else np.asarray(ids)
     way, shot, query = sampler.way, sampler.shot, sampler.query
     accs = []
-    bar = tqdm(total=len(all_ids), desc="episodes", disable=not progress, leave=False, unit="ep")
+    bar = track(len(all_ids), "episodes", "ep", leave=False, enabled=progress)
     try:
         for start in range(0, len(all_ids), chunk):
             batch = episode_batch(sampler, all_ids[start : start + chunk])

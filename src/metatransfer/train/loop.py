@@ -20,7 +20,8 @@ from metatransfer.data.augment import BatchAugment
 from metatransfer.data.preprocess import Preprocess
 from metatransfer.device import Runtime
 from metatransfer.errors import TrainingError
-from metatransfer.runs import MetricsLog, RunDir, load_state, save_state, write_json
+from metatransfer.monitor import RunLog
+from metatransfer.runs import RunDir, load_state, save_state, write_json
 
 STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.csv"
@@ -45,7 +46,7 @@ class TrainingRun:
         self.is_main = dist.context().is_main
         self.state: dict[str, Any] | None = None  # the checkpoint resumed from; None on a fresh start
         self._dir: RunDir | None = None
-        self._log: MetricsLog | None = None
+        self._log: RunLog | None = None  # metrics.csv, curves.png and TensorBoard scalars
 
     @property
     def step(self) -> int:
@@ -60,8 +61,11 @@ class TrainingRun:
                 self.state = load_state(self.out / STATE_FILE)
             if self.is_main:
                 # Rows logged after the checkpoint are produced again, so they are dropped.
-                self._log = MetricsLog(
-                    self.out / METRICS_FILE, resume=self.state is not None, keep_until=self.step
+                self._log = RunLog(
+                    self.out,
+                    resume=self.state is not None,
+                    keep_until=self.step,
+                    tensorboard=self.cfg.logging.tensorboard,
                 )
         except BaseException:
             self.close()
@@ -95,6 +99,9 @@ class TrainingRun:
             self._dir.finish(summary)
 
     def close(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
         if self._dir is not None:
             self._dir.close()
             self._dir = None

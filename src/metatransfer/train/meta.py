@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from metatransfer import distributed as dist
+from metatransfer import progress
 from metatransfer.config import Config
 from metatransfer.data.augment import to_float
 from metatransfer.data.preprocess import Preprocess
@@ -244,7 +244,7 @@ class MetaTrainer:
     def progress_line(self, row: dict[str, float | int]) -> str:
         top = ", ".join(f"{self.train.classes[c]}x{n}" for c, n in self.failures.most_common(10))
         return (
-            f"tasks {row['tasks']} (+{row['hard_tasks']} hard): query acc {100 * row['train_query_acc']:.1f}%, "
+            f"tasks {row['tasks']}/{self.m.tasks} (+{row['hard_tasks']} hard): query acc {100 * row['train_query_acc']:.1f}%, "
             f"val {100 * row['val_acc']:.2f} ± {100 * row['val_ci']:.2f}%"
             + (f"; top failure classes: {top}" if top else "")
         )
@@ -340,26 +340,27 @@ def meta_train(
             trainer.load_state_dict(run.state)
             validate.best = float(run.state["best"])
         if ctx.is_main:
-            print(trainer.describe())
+            progress.note(trainer.describe())
         if run.state is None and ctx.is_main:
             row = validate({"step": 0, "tasks": 0, "hard_tasks": 0})
             run.log(row)
-            tqdm.write(f"before meta-training: val {100 * row['val_acc']:.2f} ± {100 * row['val_ci']:.2f}%")
+            progress.note(
+                f"before meta-training: val {100 * row['val_acc']:.2f} ± {100 * row['val_ci']:.2f}%"
+            )
         speed = Throughput()
-        with tqdm(
-            total=m.tasks, initial=run.step, desc="meta-train", unit="task", disable=not ctx.is_main
+        with progress.track(
+            m.tasks, f"meta-train {m.shot}-shot", "task", initial=run.step, enabled=ctx.is_main
         ) as bar:
             while trainer.tasks_done < m.tasks:
                 trainer.next_meta_batch()
                 speed.add(m.meta_batch)
-                bar.update(m.meta_batch)
-                bar.set_postfix({**trainer.recent(), "tasks_s": f"{speed.rate:.2f}"})
+                bar.update(m.meta_batch, **trainer.recent(), tasks_s=speed.rate)
                 if trainer.tasks_done % m.val_every < m.meta_batch or trainer.tasks_done >= m.tasks:
                     row = trainer.progress_row(speed.rate)
                     if ctx.is_main:
                         row = validate(row)
                         run.checkpoint(row, {**trainer.state_dict(), "best": validate.best})
-                        tqdm.write(trainer.progress_line(row))
+                        progress.note(trainer.progress_line(row))
                         if m.ht.enabled:
                             _write_failures(out / "failure_classes.csv", trainer.failures, train.classes)
                     dist.barrier()

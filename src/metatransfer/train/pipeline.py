@@ -8,6 +8,7 @@ from pathlib import Path
 
 from metatransfer import distributed as dist
 from metatransfer.config import Config
+from metatransfer.report import write_report
 from metatransfer.runs import atomic_write_text, is_finished, write_json
 from metatransfer.train.meta import meta_train
 from metatransfer.train.meta_test import TestResult, TestSetting, meta_test
@@ -39,6 +40,7 @@ def run_all(cfg: Config, out: Path, *, overwrite: bool = False) -> list[TestResu
             out / "summary.json",
             [{**dataclasses.asdict(r.setting), "accuracy": r.accuracy, "ci95": r.ci95} for r in results],
         )
+        print(f"report: {write_report(out)}")
     return results
 
 

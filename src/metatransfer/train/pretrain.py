@@ -18,9 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from metatransfer import distributed as dist
+from metatransfer import progress
 from metatransfer.config import Config
 from metatransfer.data.augment import to_float
 from metatransfer.data.preprocess import Preprocess, preprocess_for
@@ -160,11 +160,8 @@ class Pretrainer:
         speed = Throughput()
         loss_sum = correct = seen = 0.0
         n = self.steps_per_epoch
-        bar = tqdm(
-            total=n,
-            desc=f"epoch {epoch + 1}/{self.p.epochs}",
-            disable=not dist.context().is_main,
-            unit="step",
+        bar = progress.track(
+            n, f"pretrain epoch {epoch + 1}/{self.p.epochs}", "step", enabled=dist.context().is_main
         )
         with bar:
             index_stream = batches(len(self.train), self.global_batch, gen)
@@ -178,10 +175,7 @@ class Pretrainer:
                 loss, hits = self.step(idx, lr, aug_gen, where=f"epoch {epoch + 1} step {step + 1}")
                 loss_sum, correct, seen = loss_sum + loss * len(idx), correct + hits, seen + len(idx)
                 speed.add(len(idx) * dist.context().world_size)
-                bar.update(1)
-                bar.set_postfix(
-                    loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", img_s=f"{speed.rate:.0f}"
-                )
+                bar.update(1, loss=loss_sum / seen, acc=correct / seen, img_s=round(speed.rate))
         row: dict[str, float | int] = {
             "epoch": epoch + 1,
             "step": epoch + 1,
@@ -228,7 +222,7 @@ def pretrain(cfg: Config, out: Path, *, overwrite: bool = False, resume: bool | 
             trainer.load_state_dict(run.state)
             best = float(run.state["best"])
         if ctx.is_main:
-            print(trainer.describe())
+            progress.note(trainer.describe())
         for epoch in range(run.step, p.epochs):
             row = trainer.epoch(epoch)
             if ctx.is_main:
@@ -242,15 +236,15 @@ def pretrain(cfg: Config, out: Path, *, overwrite: bool = False, resume: bool | 
                         out / BACKBONE_FILE, trainer.model.backbone, cfg, trainer.pre, epoch=str(epoch + 1)
                     )
                 run.checkpoint(row, {**trainer.state_dict(), "epoch": epoch, "best": best})
-                tqdm.write(_epoch_line(row, p.val_shots))
+                progress.note(_epoch_line(row, p.val_shots, p.epochs))
             dist.barrier()
         run.finish({"best_val": best, "epochs": p.epochs, "backbone": str(out / BACKBONE_FILE)})
     return out / BACKBONE_FILE
 
 
-def _epoch_line(row: dict[str, float | int], shots: list[int]) -> str:
+def _epoch_line(row: dict[str, float | int], shots: list[int], epochs: int) -> str:
     accs = "  ".join(f"{s}-shot {100 * row[f'val_{s}shot']:.2f}%" for s in shots)
     return (
-        f"epoch {row['epoch']}: loss {row['train_loss']:.3f}, train acc {100 * row['train_acc']:.1f}%, "
+        f"epoch {row['epoch']}/{epochs}: loss {row['train_loss']:.3f}, train acc {100 * row['train_acc']:.1f}%, "
         f"val 5-way {accs} (nearest mean), {row['images_per_s']:.0f} img/s"
     )
