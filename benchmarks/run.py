@@ -40,13 +40,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from metatransfer.config import AugmentConfig, Config, MetaConfig
 from metatransfer.data.augment import BatchAugment, to_float
+from metatransfer.data.preprocess import Preprocess
 from metatransfer.data.sampler import Episode, EpisodeSampler
 from metatransfer.data.store import ImageStore
 from metatransfer.device import Runtime, resolve_runtime
 from metatransfer.models.backbones import create_backbone
 from metatransfer.models.meta_learner import MetaLearner, inner_loop, prepare_backbone
 from metatransfer.models.scale_shift import convert_to_ss
-from metatransfer.train.common import Preprocess
 from metatransfer.train.evaluate import episode_labels, evaluate_features, extract_features
 from metatransfer.train.meta import MetaTrainer, TaskBatch
 from metatransfer.train.pretrain import Classifier

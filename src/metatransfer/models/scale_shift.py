@@ -10,16 +10,17 @@ them for fast weights in an inner loop.
 from __future__ import annotations
 
 import copy
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from metatransfer.config import Granularity
 from metatransfer.errors import ConfigError
 
 __all__ = [
-    "GRANULARITIES",
-    "LAYER_CHOICES",
+    "Layers",
     "SSConv2d",
     "convert_to_ss",
     "count_trainable",
@@ -29,16 +30,10 @@ __all__ = [
     "ss_parameters",
 ]
 
-# "filter": one scale per output filter, as in the paper; "kernel": one per (output, input) kernel
-# pair, as in the original MTL PyTorch code.
-GRANULARITIES = ("filter", "kernel")
-LAYER_CHOICES = ("all", "last")
+# Granularity "filter": one scale per output filter, as in the paper; "kernel": one per (output, input)
+# kernel pair, as in the original MTL PyTorch code. Layers: "all" convs, or the backbone's "last" stage.
+Layers = Literal["all", "last"]
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-
-
-def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(choices)}")
 
 
 def _low_precision(x: Tensor) -> bool:
@@ -64,9 +59,8 @@ class SSConv2d(nn.Module):
     weight: Tensor
     bias: Tensor
 
-    def __init__(self, conv: nn.Conv2d, granularity: str = "filter") -> None:
+    def __init__(self, conv: nn.Conv2d, granularity: Granularity = "filter") -> None:
         super().__init__()
-        _check_choice("granularity", granularity, GRANULARITIES)
         if conv.padding_mode != "zeros":
             raise ValueError(f"SSConv2d supports padding_mode='zeros' only, got {conv.padding_mode!r}")
         self.granularity = granularity
@@ -177,7 +171,7 @@ def _in_scope(name: str, prefix: str) -> bool:
 
 
 def convert_to_ss(
-    model: nn.Module, *, layers: str = "all", granularity: str = "filter", train_bn: bool = False
+    model: nn.Module, *, layers: Layers = "all", granularity: Granularity = "filter", train_bn: bool = False
 ) -> nn.Module:
     """Turn ``model`` into its SS form, in place, and return it.
 
@@ -188,8 +182,6 @@ def convert_to_ss(
     classifier head inside ``model``) must be unfrozen by the caller afterwards. BatchNorm running
     statistics are buffers: put BN in eval mode to keep them fixed.
     """
-    _check_choice("layers", layers, LAYER_CHOICES)
-    _check_choice("granularity", granularity, GRANULARITIES)
     if any(isinstance(m, SSConv2d) for m in model.modules()):
         raise ValueError("model already contains SSConv2d layers; convert a fresh copy of the backbone")
     if isinstance(model, nn.Conv2d):

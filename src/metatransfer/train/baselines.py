@@ -21,17 +21,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metatransfer.config import Config
+from metatransfer.config import Config, Method, check_value, choices
 from metatransfer.data.augment import to_float
+from metatransfer.data.preprocess import Preprocess
 from metatransfer.data.sampler import EpisodeSampler
 from metatransfer.data.store import ImageStore, open_split
 from metatransfer.device import Runtime, resolve_runtime
-from metatransfer.errors import UserError
+from metatransfer.errors import TrainingError, UserError
 from metatransfer.models.base_learner import InnerLoop
-from metatransfer.models.meta_learner import MODEL_FILE, MetaLearner, load_meta_model
+from metatransfer.models.meta_learner import MetaLearner
+from metatransfer.models.model_files import BACKBONE_FILE, MODEL_FILE, load_backbone, load_meta_model
 from metatransfer.progress import track
 from metatransfer.runs import atomic_write_text, is_finished, load_weights, read_json
-from metatransfer.train.common import BACKBONE_FILE, Preprocess, load_backbone
 from metatransfer.train.evaluate import (
     confidence_interval,
     episode_labels,
@@ -43,7 +44,8 @@ from metatransfer.train.evaluate import (
 from metatransfer.train.meta import meta_train
 from metatransfer.train.meta_test import TestSetting, meta_test
 
-META_METHODS = ("ft-theta", "ft-last", "ss-last", "mtl", "mtl-ht")
+# Every meta.method, fewest adapted parameters first, then mtl with hard tasks.
+META_METHODS = (*reversed(choices(Method)), "mtl-ht")
 FEATURE_METHODS = ("ncm", "logreg", "update-theta")
 METHODS = ("update-theta", "update-all", *META_METHODS, "ncm", "logreg")
 # The grid `update-theta` picks its inner loop from, on episodes disjoint from the reported ones.
@@ -135,11 +137,12 @@ def finetune_all(
 def method_config(cfg: Config, method: str, shot: int, extra: Mapping[str, Config] | None = None) -> Config:
     """The config a meta row trains with: `cfg` with the method (and HT for mtl-ht), or, for a row
     named in `extra`, that config's whole phase-2 section."""
-    m = extra[method].meta if extra and method in extra else cfg.meta
-    if not (extra and method in extra):
-        ht = dataclasses.replace(m.ht, enabled=method == "mtl-ht")
-        m = dataclasses.replace(m, method="mtl" if method == "mtl-ht" else method, ht=ht)
-    return dataclasses.replace(cfg, meta=dataclasses.replace(m, shot=shot))
+    if extra and method in extra:
+        return dataclasses.replace(cfg, meta=dataclasses.replace(extra[method].meta, shot=shot))
+    m = cfg.meta
+    ht = dataclasses.replace(m.ht, enabled=method == "mtl-ht")
+    name = check_value("mtl" if method == "mtl-ht" else method, Method, "meta.method")
+    return dataclasses.replace(cfg, meta=dataclasses.replace(m, method=name, shot=shot, ht=ht))
 
 
 def ablate(
@@ -152,11 +155,16 @@ def ablate(
     *,
     update_all_episodes: int = 100,
     overwrite: bool = False,
+    keep_going: bool = False,
     extra: Mapping[str, Config] | None = None,
 ) -> list[Row]:
     """Run the ablation; writes out/ablation.md, out/ablation.csv and out/ablation-episodes.csv (every
     row's per-episode accuracies) and returns the rows. `extra` adds meta-learned rows, one per name,
-    each trained with that config's phase-2 section (e.g. the original code's settings)."""
+    each trained with that config's phase-2 section (e.g. the original code's settings).
+
+    A row that fails stops the ablation with a TrainingError (the tables keep the rows so far), unless
+    `keep_going`: then it is marked failed in the tables and the next row runs.
+    """
     extra = dict(extra or {})
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -238,6 +246,10 @@ def ablate(
             rows.append(row)
             print(_describe(row))
             write_tables(out, rows, shots)
+            if row.error and not keep_going:
+                raise TrainingError(
+                    f"ablation row {method} {shot}-shot failed: {row.error}; pass --keep-going to go on past failed rows"
+                )
     return rows
 
 

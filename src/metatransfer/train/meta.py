@@ -27,6 +27,7 @@ from metatransfer import distributed as dist
 from metatransfer import progress
 from metatransfer.config import Config
 from metatransfer.data.augment import to_float
+from metatransfer.data.preprocess import Preprocess
 from metatransfer.data.sampler import Episode, EpisodeSampler
 from metatransfer.data.store import ImageStore, open_split
 from metatransfer.device import Runtime, resolve_runtime
@@ -39,16 +40,10 @@ from metatransfer.models.base_learner import (
     per_class_loss,
     prepare,
 )
-from metatransfer.models.meta_learner import (
-    MODEL_FILE,
-    MetaLearner,
-    inner_loop,
-    prepare_backbone,
-    save_meta_model,
-)
+from metatransfer.models.meta_learner import MetaLearner, inner_loop, prepare_backbone
+from metatransfer.models.model_files import BACKBONE_FILE, MODEL_FILE, load_backbone, save_meta_model
 from metatransfer.models.scale_shift import describe_trainable
 from metatransfer.runs import atomic_write_text
-from metatransfer.train.common import BACKBONE_FILE, Preprocess, load_backbone
 from metatransfer.train.evaluate import (
     confidence_interval,
     episode_labels,

@@ -23,7 +23,8 @@ from metatransfer.data.sampler import EpisodeSampler
 from metatransfer.data.store import open_split
 from metatransfer.device import resolve_runtime
 from metatransfer.errors import UserError
-from metatransfer.models.meta_learner import MODEL_FILE, inner_loop, load_meta_model
+from metatransfer.models.meta_learner import inner_loop
+from metatransfer.models.model_files import MODEL_FILE, load_meta_model
 from metatransfer.runs import CONFIG_FILE, atomic_write_text, read_json, write_json
 from metatransfer.train.evaluate import (
     confidence_interval,
