@@ -18,11 +18,14 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from metatransfer.config import (
     Count,
     ImageSize,
+    InnerSteps,
+    LearningRate,
     OmniglotScheme,
     Precision,
     Seed,
     Shot,
     Split,
+    Temperature,
     Way,
     check_value,
     choices,
@@ -48,22 +51,24 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
-def _number(tp: Any, name: str) -> Callable[[str], Any]:
-    """An argparse `type` that parses an int and checks it against `tp`'s declared range (as the config does)."""
+def _number(tp: Any, name: str, kind: type = int) -> Callable[[str], Any]:
+    """An argparse `type` that parses an int (or `kind`) and checks it against `tp`'s declared range (as the
+    config does)."""
 
     def parse(text: str) -> Any:
         try:
-            value = int(text)
+            value = kind(text)
         except ValueError:
-            raise UserError(f"argument {name} expects an integer, got {short(text)}") from None
+            what = "an integer" if kind is int else "a number"
+            raise UserError(f"argument {name} expects {what}, got {short(text)}") from None
         return check_value(value, tp, name)
 
     return parse
 
 
-def _numbers(tp: Any, name: str) -> Callable[[str], list[Any]]:
+def _numbers(tp: Any, name: str, kind: type = int) -> Callable[[str], list[Any]]:
     """A comma-separated list of numbers (`--shots 1,5`), each checked like `_number`."""
-    one = _number(tp, name)
+    one = _number(tp, name, kind)
     return lambda text: [one(part.strip()) for part in text.split(",")]
 
 
@@ -241,6 +246,18 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     failed = [r for r in rows if r.error]
     if failed:
         print(f"mtl: {len(failed)} of {len(rows)} ablation rows failed (see the table)", file=sys.stderr)
+    return 0
+
+
+def cmd_tune_base_learner(args: argparse.Namespace) -> int:
+    from metatransfer.train.baselines import tune_and_report
+
+    cfg = _config(args)
+    out = _out(args, cfg, "tune-base-learner")
+    _preflight(cfg, ["eval"])
+    out.mkdir(parents=True, exist_ok=True)
+    grid = [(st, lr, t) for st in args.steps for lr in args.lrs for t in args.temperatures]
+    print(tune_and_report(cfg, Path(args.pretrained), out, args.shots, grid, args.episodes))
     return 0
 
 
@@ -432,6 +449,23 @@ def _add_training_commands(sub: Any) -> None:
         "'mtl (original code)=configs/mini-imagenet-32-original.yaml'",
     )
     p.set_defaults(func=cmd_ablate)
+
+    p = sub.add_parser(
+        "tune-base-learner",
+        help="choose the base learner's steps, lr and temperature on val selection episodes; report vs NCM",
+    )
+    _common_train_args(p)
+    p.add_argument("--pretrained", required=True, help="phase-1 run directory (or its backbone.safetensors)")
+    p.add_argument(
+        "--shots", type=_numbers(Shot, "--shots"), default=[1, 5], help="comma-separated (default 1,5)"
+    )
+    p.add_argument("--steps", type=_numbers(InnerSteps, "--steps"), default=[0, 10, 25, 50, 100])
+    p.add_argument("--lrs", type=_numbers(LearningRate, "--lrs", float), default=[0.01, 0.03, 0.1, 0.3, 0.5])
+    p.add_argument(
+        "--temperatures", type=_numbers(Temperature, "--temperatures", float), default=[5.0, 10.0, 20.0]
+    )
+    p.add_argument("--episodes", type=_number(Count, "--episodes"), default=300, help="selection episodes")
+    p.set_defaults(func=cmd_tune_base_learner)
 
     p = sub.add_parser("run", help="all three phases end to end, with a summary table")
     _common_train_args(p)

@@ -120,6 +120,8 @@ Seed = Annotated[int, Range(0, SEED_MAX)]
 Shot = Annotated[int, Range(1, 10_000)]
 Way = Annotated[int, Range(2, 10_000)]
 LearningRate = Annotated[float, Range(0, 100, low_open=True)]
+Temperature = Annotated[float, Range(0, 10_000, low_open=True)]
+InnerSteps = Annotated[int, Range(0, 100_000)]  # 0 is allowed: with classifier_init proto it is plain NCM
 Fraction = Annotated[float, Range(0, 1)]
 ImageSize = Annotated[int, Range(1, 4096)]  # pixels; each backbone also has a minimum (checked with the data)
 Workers = Annotated[int, Range(0, 1024)]  # decode threads (0 = all cores)
@@ -197,8 +199,8 @@ class MetaConfig:
     query: Shot = 15
     meta_batch: Annotated[int, Range(1, 4096)] = 2  # tasks per outer update
     tasks: Count = 2000  # ordinary meta-training tasks in total
-    inner_steps: Annotated[int, Range(1, 100_000)] = 20  # base-learner steps per task while meta-training
-    inner_steps_test: Annotated[int, Range(1, 100_000)] = 50  # base-learner steps per task at meta-test
+    inner_steps: InnerSteps = 20  # base-learner steps per task while meta-training
+    inner_steps_test: InnerSteps = 50  # base-learner steps per task at meta-test
     inner_lr: LearningRate = 0.1  # beta
     lr_ss: Annotated[float, Range(0, 100)] = 1e-3  # gamma_1, for Phi (scale and shift); 0 freezes Phi
     # gamma_2, for theta's initialisation (small: rows are exchangeable, see README); 0 freezes theta
@@ -215,9 +217,7 @@ class MetaConfig:
     # Where each task's classifier starts: "zero" (theta alone, the paper) or "proto" (theta plus the
     # support set's nearest-class-mean classifier, Proto-MAML: step 0 is NCM, the inner loop refines it).
     classifier_init: ClassifierInit = "zero"
-    temperature: Annotated[float, Range(0, 10_000, low_open=True)] = (
-        10.0  # logit scale for normalised features
-    )
+    temperature: Temperature = 10.0  # logit scale for normalised features
     augment: bool = False
     val_every: Count = 500  # tasks between validations
     val_episodes: Count = 200

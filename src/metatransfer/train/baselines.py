@@ -29,7 +29,7 @@ from metatransfer.data.store import ImageStore, open_split
 from metatransfer.device import Runtime, resolve_runtime
 from metatransfer.errors import TrainingError, UserError
 from metatransfer.models.base_learner import InnerLoop
-from metatransfer.models.meta_learner import MetaLearner
+from metatransfer.models.meta_learner import MetaLearner, inner_loop
 from metatransfer.models.model_files import BACKBONE_FILE, MODEL_FILE, load_backbone, load_meta_model
 from metatransfer.progress import track
 from metatransfer.runs import atomic_write_text, is_finished, load_weights, read_json
@@ -46,8 +46,10 @@ from metatransfer.train.meta_test import TestSetting, meta_test
 
 # Every meta.method, fewest adapted parameters first, then mtl with hard tasks.
 META_METHODS = (*reversed(choices(Method)), "mtl-ht")
-FEATURE_METHODS = ("ncm", "logreg", "update-theta")
-METHODS = ("update-theta", "update-all", *META_METHODS, "ncm", "logreg")
+# base-learner: the config's own base learner (classifier_init, inner_steps_test, inner_lr) with theta = 0
+# on the phase-1 features, i.e. what meta-training starts from.
+FEATURE_METHODS = ("ncm", "logreg", "update-theta", "base-learner")
+METHODS = ("update-theta", "update-all", "base-learner", *META_METHODS, "ncm", "logreg")
 # The grid `update-theta` picks its inner loop from, on episodes disjoint from the reported ones.
 THETA_GRID = [(steps, lr) for steps in (20, 50, 100) for lr in (0.1, 0.5, 1.0)]
 
@@ -91,6 +93,101 @@ def choose_theta_loop(cfg: Config, val_feats: torch.Tensor, val: ImageStore, sho
         )
     _, steps, lr = max(scored)
     return _loop(cfg, steps, lr)
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    """One inner-loop setting scored on val selection episodes (accuracy per shot)."""
+
+    steps: int
+    lr: float
+    temperature: float
+    accuracy: dict[int, float]
+
+
+def tune_base_learner(
+    cfg: Config,
+    val_feats: torch.Tensor,
+    val: ImageStore,
+    shots: list[int],
+    grid: list[tuple[int, float, float]],
+    episodes: int,
+) -> list[GridPoint]:
+    """Score the config's base learner (its classifier_init, theta = 0) for every (steps, lr, temperature)
+    of `grid` on `episodes` val episodes of `eval.selection_seed`, per shot: the episodes that may choose."""
+    way, query, seed = cfg.eval.ways[0], cfg.eval.query, cfg.eval.selection_seed
+    samplers = {shot: EpisodeSampler(val, way, shot, query, seed) for shot in shots}
+    points = []
+    for steps, lr, temperature in grid:
+        meta = dataclasses.replace(cfg.meta, inner_steps_test=steps, inner_lr=lr, temperature=temperature)
+        loop = inner_loop(meta, test=True)
+        acc = {
+            shot: float(evaluate_features(val_feats, sampler, episodes, "linear", loop=loop).mean())
+            for shot, sampler in samplers.items()
+        }
+        points.append(GridPoint(steps, lr, temperature, acc))
+    return points
+
+
+def tune_and_report(
+    cfg: Config,
+    pretrained: Path,
+    out: Path,
+    shots: list[int],
+    grid: list[tuple[int, float, float]],
+    episodes: int,
+) -> str:
+    """`mtl tune-base-learner`: choose the base learner's (steps, lr, temperature) on val selection
+    episodes, then report the chosen setting and NCM on the report episodes of eval.split with their paired
+    difference. Writes out/tune.csv (the grid) and out/tune.md (the report); returns the report."""
+    runtime = resolve_runtime(cfg)
+    source = pretrained / BACKBONE_FILE if pretrained.is_dir() else pretrained
+    backbone, pre, _ = load_backbone(source)
+    runtime.model(backbone)
+    data = dataclasses.replace(cfg.data, size=pre.size)
+    val = open_split(data, "val")
+    val_feats = extract_features(backbone, val, runtime, pre.mean, pre.std, progress=True)
+    points = tune_base_learner(cfg, val_feats, val, shots, grid, episodes)
+    lines = ["steps,lr,temperature," + ",".join(f"val_{s}shot" for s in shots)]
+    lines += [
+        f"{p.steps},{p.lr},{p.temperature}," + ",".join(f"{p.accuracy[s]:.6f}" for s in shots) for p in points
+    ]
+    atomic_write_text(out / "tune.csv", "\n".join(lines) + "\n")
+    split = cfg.eval.split
+    if split == "val":
+        store, feats = val, val_feats
+    else:
+        store = open_split(data, split)
+        feats = extract_features(backbone, store, runtime, pre.mean, pre.std, progress=True)
+    report = [
+        f"Base learner ({cfg.meta.classifier_init} init, theta = 0) on the phase-1 features of {source}.",
+        f"Chosen on {episodes} val episodes of seed {cfg.eval.selection_seed} from {len(grid)} settings; "
+        f"reported on {cfg.eval.episodes} {split} episodes of seed {cfg.eval.seed}.",
+        "",
+        "| shot | chosen (steps, lr, temperature) | selection acc (%) | NCM (%) | base learner (%) | "
+        "Δ vs NCM (paired 95% CI) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for shot in shots:
+        # Ties go to the fewest steps: the cheapest setting that scores as well.
+        best = max(points, key=lambda p: (round(p.accuracy[shot], 6), -p.steps))
+        sampler = EpisodeSampler(store, cfg.eval.ways[0], shot, cfg.eval.query, cfg.eval.seed)
+        meta = dataclasses.replace(
+            cfg.meta, inner_steps_test=best.steps, inner_lr=best.lr, temperature=best.temperature
+        )
+        chosen = evaluate_features(
+            feats, sampler, cfg.eval.episodes, "linear", loop=inner_loop(meta, test=True)
+        )
+        ncm = evaluate_features(feats, sampler, cfg.eval.episodes, "ncm")
+        (a, a_ci), (n, n_ci) = confidence_interval(chosen), confidence_interval(ncm)
+        report.append(
+            f"| {shot} | {best.steps}, {best.lr:g}, {best.temperature:g} | {100 * best.accuracy[shot]:.2f} | "
+            f"{100 * n:.2f} ± {100 * n_ci:.2f} | {100 * a:.2f} ± {100 * a_ci:.2f} | "
+            f"{format_delta(*paired_difference(chosen, ncm))} |"
+        )
+    text = "\n".join(report)
+    atomic_write_text(out / "tune.md", text + "\n")
+    return text
 
 
 def finetune_all(
@@ -207,6 +304,8 @@ def ablate(
                         loop = logreg_loop(cfg)
                     elif method == "update-theta":
                         loop = choose_theta_loop(cfg, val_feats, val, shot)
+                    elif method == "base-learner":
+                        loop = inner_loop(cfg.meta, test=True)
                     kind = "ncm" if method == "ncm" else "linear"
                     accs = evaluate_features(feats, sampler, episodes, kind, loop=loop)
                     row.trainable = 0 if method == "ncm" else way * (feats.shape[1] + 1)
