@@ -17,13 +17,13 @@ from torch import nn
 
 from metatransfer.config import Config, MetaConfig
 from metatransfer.data.augment import to_float
+from metatransfer.data.preprocess import Preprocess
 from metatransfer.data.sampler import Episode
 from metatransfer.data.store import ImageStore
 from metatransfer.device import Runtime, resolve_runtime
 from metatransfer.models.backbones import create_backbone
 from metatransfer.models.meta_learner import MetaLearner, prepare_backbone
 from metatransfer.models.scale_shift import convert_to_ss
-from metatransfer.train.common import Preprocess
 from metatransfer.train.evaluate import episode_labels
 
 WAY, SHOT, QUERY = 5, 1, 15

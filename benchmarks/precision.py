@@ -20,7 +20,7 @@ from metatransfer.data.readers import with_data_root
 from metatransfer.data.sampler import EpisodeSampler
 from metatransfer.data.store import open_split
 from metatransfer.device import resolve_runtime
-from metatransfer.train.common import load_backbone
+from metatransfer.models.model_files import load_backbone
 from metatransfer.train.evaluate import confidence_interval, evaluate_features, extract_features
 from metatransfer.train.pretrain import pretrain
 

@@ -28,7 +28,8 @@ from metatransfer.data.readers import with_data_root
 from metatransfer.data.sampler import EpisodeSampler
 from metatransfer.data.store import open_split
 from metatransfer.device import resolve_runtime
-from metatransfer.models.meta_learner import MODEL_FILE, inner_loop, load_meta_model
+from metatransfer.models.meta_learner import inner_loop
+from metatransfer.models.model_files import MODEL_FILE, load_meta_model
 from metatransfer.train.evaluate import classify, episode_labels, extract_features
 
 

@@ -19,6 +19,7 @@ from metatransfer.models.base_learner import (
     per_class_accuracy,
     per_class_loss,
     prepare,
+    prototype_classifier,
 )
 
 WAY_SHOT = [(2, 1), (3, 2), (5, 1), (5, 5)]
@@ -340,3 +341,65 @@ def test_per_class_loss_carries_no_graph_and_absent_class_scores_zero() -> None:
     assert not per_class_loss(scores, y, 3).requires_grad
     assert per_class_loss(scores, y, 3)[0, 2].item() == 0.0
     assert per_class_accuracy(scores, y, 3)[0, 2].item() == 0.0
+
+
+# --- prototype start (Proto-MAML): step 0 is nearest class mean ----------------------------------------------
+
+
+def _ncm_scores(xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, way: int) -> torch.Tensor:
+    """Cosine to the mean of the normalised support features of each class, written out plainly."""
+    xs, xq = F.normalize(xs, dim=-1), F.normalize(xq, dim=-1)
+    protos = torch.stack(
+        [torch.stack([xs[t][ys[t] == c].mean(0) for c in range(way)]) for t in range(len(xs))]
+    )
+    return torch.einsum("tqd,twd->tqw", xq, F.normalize(protos, dim=-1))
+
+
+@pytest.mark.parametrize(("way", "shot"), WAY_SHOT)
+def test_proto_start_with_no_steps_is_nearest_class_mean(way: int, shot: int) -> None:
+    torch.manual_seed(way * 10 + shot)
+    loop = InnerLoop(steps=0, lr=0.5, temperature=10.0, normalize=True, init="proto")
+    xs, xq = torch.randn(3, way * shot, 16), torch.randn(3, 20, 16)
+    ys = labels(3, way, shot)
+    zero = torch.zeros(3, way, 16), torch.zeros(3, way)
+    w, b = adapt(prepare(xs, loop), ys, *zero, loop)
+    scores = logits(prepare(xq, loop), w, b, loop)
+    torch.testing.assert_close(scores, 10.0 * _ncm_scores(xs, ys, xq, way), atol=1e-5, rtol=1e-5)
+    # The zero start, by contrast, scores every class alike.
+    plain = InnerLoop(steps=0, lr=0.5, temperature=10.0, normalize=True)
+    assert torch.all(logits(prepare(xq, plain), *adapt(prepare(xs, plain), ys, *zero, plain), plain) == 0)
+
+
+def test_proto_start_on_raw_features_is_squared_euclidean() -> None:
+    torch.manual_seed(1)
+    loop = InnerLoop(steps=0, lr=0.1, temperature=4.0, normalize=False, init="proto")
+    xs, xq, ys = torch.randn(2, 6, 5), torch.randn(2, 7, 5), labels(2, 3, 2)
+    w, b = prototype_classifier(xs, ys, 3, loop)
+    protos = xs.reshape(2, 3, 2, 5).mean(2)  # class-major support: [T, way, d]
+    expected = -torch.cdist(xq, protos).square() + xq.square().sum(-1, keepdim=True)
+    torch.testing.assert_close(logits(xq, w, b, loop), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_proto_start_adds_the_meta_learned_init_and_is_differentiable_in_the_features() -> None:
+    torch.manual_seed(2)
+    loop = InnerLoop(steps=3, lr=0.3, temperature=5.0, normalize=True, init="proto")
+    xs = torch.randn(1, 4, 6, dtype=torch.float64, requires_grad=True)
+    ys = labels(1, 2, 2)
+    w0 = torch.randn(1, 2, 6, dtype=torch.float64, requires_grad=True)
+    b0 = torch.randn(1, 2, dtype=torch.float64, requires_grad=True)
+    start_w, start_b = adapt(F.normalize(xs, dim=-1), ys, w0, b0, InnerLoop(0, 0.3, 5.0, True, init="proto"))
+    pw, pb = prototype_classifier(F.normalize(xs, dim=-1), ys, 2, loop)
+    torch.testing.assert_close(start_w, w0 + pw)
+    torch.testing.assert_close(start_b, b0 + pb)
+    xq = torch.randn(1, 5, 6, dtype=torch.float64)
+
+    def query_loss(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        wa, ba = adapt(F.normalize(x, dim=-1), ys, w, b, loop)
+        return logits(F.normalize(xq, dim=-1), wa, ba, loop).logsumexp(-1).sum()
+
+    assert torch.autograd.gradcheck(query_loss, (xs, w0, b0))
+
+
+def test_inner_loop_refuses_an_unknown_init() -> None:
+    with pytest.raises(ValueError, match="init"):
+        InnerLoop(steps=1, lr=0.1, init="random")

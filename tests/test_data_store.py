@@ -42,7 +42,6 @@ def test_open_split_decodes_resizes_and_groups(mini_csv_root: Path, cache_dir: P
     assert store.images.shape == (12, 8, 8, 3) and store.images.dtype == np.uint8
     assert store.labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
     assert store.offsets.tolist() == [0, 4, 8, 12] and len(store) == 12 and store.num_classes == 3
-    assert [s.stop - s.start for s in store.class_slices()] == [4, 4, 4]
     first = mini_csv_root / "images" / "n0000000000000001.jpg"
     expected = np.asarray(Image.open(first).convert("RGB").resize((8, 8), Image.Resampling.BILINEAR))
     assert np.array_equal(store.images[0], expected)
@@ -250,8 +249,142 @@ def test_glyph_classes_are_learnable(glyph_stores: dict) -> None:
     x = np.asarray(store.images, dtype=np.float32).reshape(len(store), -1) / 255
     sampler = EpisodeSampler(store, way=5, shot=1, query=5, seed=0)
     hits = []
+    query_labels = np.repeat(np.arange(5), 5)  # episodes list each class's queries together, in class order
     for i in range(200):
         ep = sampler.episode(i)
         d = ((x[ep.query][:, None] - x[ep.support][None]) ** 2).sum(-1)
-        hits.append(np.mean(d.argmin(1) == sampler.query_labels()))
+        hits.append(np.mean(d.argmin(1) == query_labels))
     assert np.mean(hits) > 0.4
+
+
+# --- hostile files and full disks ----------------------------------------------------------------------
+
+
+def test_a_fifo_is_skipped_with_a_warning_and_a_symlink_loop_is_a_bad_image(tmp_path: Path) -> None:
+    root = tmp_path / "folder"
+    write_class_folders(root / "train", ["a", "b"], per_class=3)
+    os.mkfifo(root / "train" / "a" / "pipe.png")  # reading it would block forever
+    (root / "train" / "b" / "l1.png").symlink_to("l2.png")
+    (root / "train" / "b" / "l2.png").symlink_to("l1.png")
+    with pytest.warns(UserWarning, match=r"skipping 1 non-regular file.*pipe\.png"):
+        report = check_dataset("image-folder", root, cache_dir=tmp_path / "cache", size=8, progress=False)
+    assert "train: 2 classes, 6 images" in report.render()
+    loops = {Path(b.path).name: b.reason for b in report.bad}
+    assert set(loops) == {"l1.png", "l2.png"} and "symbolic links" in loops["l1.png"]
+
+
+def test_a_fifo_named_as_a_query_is_an_error_not_a_hang(tmp_path: Path) -> None:
+    from metatransfer.data.readers.base import read_regular_file
+
+    os.mkfifo(tmp_path / "pipe.png")
+    with pytest.raises(OSError, match="not a regular file"):
+        read_regular_file(tmp_path / "pipe.png")
+
+
+def _leftover_temporaries(cache: Path) -> list[str]:
+    return sorted(p.name for p in cache.rglob("*") if ".tmp" in p.name or p.suffix == ".npy")
+
+
+def test_a_full_disk_while_caching_is_one_line_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The space is reserved before the memory map is written: ENOSPC is an error there, not a SIGBUS."""
+    import errno
+
+    root = tmp_path / "folder"
+    write_class_folders(root / "train", ["a", "b"], per_class=3)
+    cache = tmp_path / "cache"
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    cfg = DataConfig(dataset="image-folder", root=str(root), size=16, cache_dir=str(cache))
+    with pytest.raises(DataError, match=r"no space for the image cache of train \(6 images\)") as info:
+        open_split(cfg, "train", progress=False)
+    assert "\n" not in str(info.value) and str(cache) in str(info.value)
+    assert _leftover_temporaries(cache) == []
+    monkeypatch.undo()
+    assert len(open_split(cfg, "train", progress=False)) == 6  # with space, the same call builds it
+
+
+@pytest.mark.parametrize("failing", ["sidecar", "folder"])
+def test_an_unwritable_cache_is_one_line_and_keeps_no_half_built_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    import errno
+
+    root = tmp_path / "folder"
+    write_class_folders(root / "train", ["a", "b"], per_class=3)
+    cache = tmp_path / "cache"
+    if failing == "sidecar":  # the pixels fit, then the disk fills while the .json is written
+
+        def full(path: Path, text: str) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(store_mod, "_atomic_write_text", full)
+    else:  # a file where the cache folder should be
+        cache.write_text("not a folder")
+    cfg = DataConfig(dataset="image-folder", root=str(root), size=16, cache_dir=str(cache / "sub"))
+    with pytest.raises(DataError) as info:
+        open_split(cfg, "train", progress=False)
+    assert str(cache) in str(info.value) and "\n" not in str(info.value)
+    if failing == "sidecar":
+        assert _leftover_temporaries(cache) == []
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc")
+def test_a_cache_dir_under_proc_is_one_line(tmp_path: Path) -> None:
+    root = tmp_path / "folder"
+    write_class_folders(root / "train", ["a", "b"], per_class=3)
+    cfg = DataConfig(dataset="image-folder", root=str(root), size=16, cache_dir="/proc/metatransfer-cache")
+    with pytest.raises(DataError, match="/proc/metatransfer-cache") as info:
+        open_split(cfg, "train", progress=False)
+    assert "\n" not in str(info.value)
+
+
+def test_an_image_over_the_pixel_limit_is_a_bad_image_without_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PIL only warns (and decodes) between its limit and twice it; here that is a bad image by path."""
+    import warnings
+
+    root = tmp_path / "folder"
+    write_class_folders(root / "train", ["a", "b"], per_class=3)
+    big = write_image(root / "train" / "a" / "big.png", seed=1, size=40)  # 1600 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no DecompressionBombWarning escapes
+        report = check_dataset("image-folder", root, cache_dir=tmp_path / "cache", size=8, progress=False)
+    assert [(b.path, b.reason) for b in report.bad] == [
+        (str(big), "too many pixels (over 1,000), refused as a possible decompression bomb")
+    ]
+
+
+def test_an_empty_array_is_named_as_empty() -> None:
+    with pytest.raises(OSError, match=r"empty image \(shape \[0, 0, 1\]\)"):
+        decode_image(np.zeros((0, 0, 1), np.uint8), 8, 1)
+
+
+@pytest.mark.skipif(
+    subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0,
+    reason="needs unprivileged user and mount namespaces to mount a small tmpfs",
+)
+def test_a_real_full_tmpfs_while_caching_ends_with_one_line(tmp_path: Path) -> None:
+    """`mtl data check` with the cache on a 300 kB tmpfs: exit 2, one line, no temporary file left."""
+    import sys
+
+    root = tmp_path / "folder"
+    write_class_folders(root / "train", [f"c{i}" for i in range(4)], per_class=40)
+    check = f"{sys.executable} -m metatransfer data check image-folder --root {root} --size 64"
+    script = (
+        "mount -t tmpfs -o size=300k tmpfs /mnt && "
+        f"MTL_CACHE_DIR=/mnt/cache {check}; echo rc=$?; ls -a /mnt/cache"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, env=env)
+    assert "rc=2" in done.stdout, done.stdout + done.stderr
+    err = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("mtl: error: no space for the image cache"), done.stderr
+    listing = done.stdout.split("rc=2")[1].split()
+    assert sorted(listing) == [".", ".."]  # no temporary, no half-built cache entry

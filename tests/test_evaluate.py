@@ -19,6 +19,8 @@ from metatransfer.train.evaluate import (
     episode_labels,
     evaluate_features,
     format_accuracy,
+    format_delta,
+    paired_difference,
 )
 
 WSQ = [(2, 1, 1), (5, 1, 3), (5, 5, 2), (3, 2, 4)]
@@ -39,6 +41,22 @@ def test_confidence_interval_edge_cases() -> None:
     assert confidence_interval(np.full(600, 0.6)) == pytest.approx((0.6, 0.0))
     with pytest.raises(ValueError, match="no episodes"):
         confidence_interval([])
+
+
+def test_paired_difference_hand_example() -> None:
+    # Method A and B on the same four episodes: A - B = [0.1, 0.0, 0.2, 0.1], mean 0.1,
+    # population std sqrt(((0)^2 + 0.1^2 + 0.1^2 + 0^2) / 4) = sqrt(0.005), CI = 1.96 * sqrt(0.005) / 2.
+    a = [0.7, 0.5, 0.9, 0.6]
+    b = [0.6, 0.5, 0.7, 0.5]
+    mean, ci = paired_difference(a, b)
+    assert mean == pytest.approx(0.1)
+    assert ci == pytest.approx(1.96 * math.sqrt(0.005) / 2)
+    # Two separate intervals would overlap (each about +-0.14 here); the paired one excludes 0.
+    assert ci < mean < confidence_interval(a)[1] + confidence_interval(b)[1]
+    assert format_delta(mean, ci) == "+10.00 ± 6.93"
+    assert format_delta(-0.0123, 0.0017) == "-1.23 ± 0.17"
+    with pytest.raises(ValueError, match="same episodes"):
+        paired_difference([0.5, 0.5], [0.5])
 
 
 def test_format_accuracy_line() -> None:

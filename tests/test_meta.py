@@ -11,6 +11,7 @@ import torch
 
 from metatransfer.cli import main
 from metatransfer.config import load_config
+from metatransfer.data.preprocess import Preprocess
 from metatransfer.data.sampler import EpisodeSampler
 from metatransfer.data.store import ImageStore
 from metatransfer.device import resolve_runtime
@@ -18,8 +19,8 @@ from metatransfer.models.backbones import create_backbone
 from metatransfer.models.meta_learner import MetaLearner, prepare_backbone
 from metatransfer.models.scale_shift import SSConv2d
 from metatransfer.train.baselines import finetune_all
-from metatransfer.train.common import Preprocess
-from metatransfer.train.meta import HARD_SALT, MetaTrainer, TaskBatch
+from metatransfer.train.evaluate import format_delta, paired_difference
+from metatransfer.train.meta import MetaTrainer, TaskBatch
 
 from tiny import write_config, write_pattern_folder
 
@@ -139,7 +140,6 @@ def test_hard_tasks_leave_the_ordinary_stream_unchanged() -> None:
     batch = TaskBatch.of([trainer.sampler.episode(i) for i in range(2)])
     trainer.hard_batch(batch, np.zeros((2, 3)), np.zeros((2, 3)), hard_done=0)
     assert [trainer.sampler.episode(i).query.tolist() for i in range(4)] == before
-    assert HARD_SALT != 0
 
 
 @pytest.fixture(scope="module")
@@ -149,18 +149,17 @@ def pretrained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     config = write_config(
         tmp / "cfg.yaml", data, tmp / "cache", pretrain={"epochs": 2}, meta={"ht": {"tasks_per_batch": 2}}
     )
-    with pytest.raises(SystemExit) as exit_info:
-        main(["pretrain", "--config", str(config), "--out", str(tmp / "pre")])
-    assert exit_info.value.code == 0
+    assert main(["pretrain", "--config", str(config), "--out", str(tmp / "pre")]) == 0
     return config, tmp
 
 
 def test_compare_ht_writes_curve_plot_and_table(pretrained: tuple[Path, Path]) -> None:
     config, tmp = pretrained
     out = tmp / "compare"
-    with pytest.raises(SystemExit) as exit_info:
+    assert (
         main(["compare-ht", "--config", str(config), "--pretrained", str(tmp / "pre"), "--out", str(out)])
-    assert exit_info.value.code == 0
+        == 0
+    )
     assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with (out / "curve.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -169,21 +168,64 @@ def test_compare_ht_writes_curve_plot_and_table(pretrained: tuple[Path, Path]) -
     assert (out / "ht" / "failure_classes.csv").exists()
     table = (out / "comparison.md").read_text()
     assert "| ht |" in table and "| no-ht |" in table
+    # The paired row is the per-episode difference of the two arms' episode files.
+    arms = [_episode_accuracies(out / v / "episodes-test-3way-1shot.csv") for v in ("ht", "no-ht")]
+    assert f"| HT − no HT (paired 95% CI) | | {format_delta(*paired_difference(*arms))} |" in table
+
+
+def _episode_accuracies(path: Path) -> np.ndarray:
+    with path.open() as f:
+        return np.array([float(r["accuracy"]) for r in csv.DictReader(f)])
+
+
+def test_compare_prints_the_paired_difference_of_two_runs(
+    pretrained: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    config, tmp = pretrained
+    out = tmp / "compare"
+    if not (out / "ht").exists():  # the compare-ht test above trains both arms
+        assert (
+            main(["compare-ht", "--config", str(config), "--pretrained", str(tmp / "pre"), "--out", str(out)])
+            == 0
+        )
+    capsys.readouterr()
+    args = ["compare", str(out / "ht"), str(out / "no-ht"), "--split", "test", "--way", "3", "--query", "4"]
+    assert main([*args, "--episodes", "20"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    arms = [_episode_accuracies(out / v / "episodes-test-3way-1shot.csv")[:20] for v in ("ht", "no-ht")]
+    assert len(arms[0]) == 20
+    assert printed[-1] == (
+        f"A - B: {format_delta(*paired_difference(*arms))} points (paired 95% CI over the same 20 episodes)"
+    )
+    assert "episodes of seed 0, model chosen on val episodes of seed 1" in printed[0]
 
 
 def test_ablate_runs_every_method_on_identical_episodes(pretrained: tuple[Path, Path]) -> None:
     config, tmp = pretrained
     out = tmp / "ablation"
     args = ["ablate", "--config", str(config), "--pretrained", str(tmp / "pre"), "--out", str(out)]
-    with pytest.raises(SystemExit) as exit_info:
-        main([*args, "--shots", "1", "--episodes", "12", "--set", "meta.tasks=4"])
-    assert exit_info.value.code == 0
+    original = write_config(
+        tmp / "original.yaml",
+        tmp / "data",
+        tmp / "cache",
+        meta={
+            "ss_granularity": "kernel",
+            "bn": "batch",
+            "normalize_features": False,
+            "temperature": 1.0,
+            "inner_lr": 0.01,
+            "meta_batch": 1,
+        },
+    )
+    extra = ["--extra", f"mtl (original code)={original}"]
+    assert main([*args, "--shots", "1", "--episodes", "12", "--set", "meta.tasks=4", *extra]) == 0
     with (out / "ablation.csv").open() as f:
         rows = list(csv.DictReader(f))
     methods = [r["method"] for r in rows]
     assert methods == [
         "update-theta",
         "update-all",
+        "base-learner",
         "ft-theta",
         "ft-last",
         "ss-last",
@@ -191,17 +233,71 @@ def test_ablate_runs_every_method_on_identical_episodes(pretrained: tuple[Path, 
         "mtl-ht",
         "ncm",
         "logreg",
+        "mtl (original code)",
     ]
     assert all(not r["error"] for r in rows), rows
     table = (out / "ablation.md").read_text()
+    # Every row's per-episode accuracies are written; its Δ vs NCM is their paired difference.
+    per_episode: dict[str, list[float]] = {}
+    with (out / "ablation-episodes.csv").open() as f:
+        for r in csv.DictReader(f):
+            per_episode.setdefault(r["method"], []).append(float(r["accuracy"]))
+    ncm = np.array(per_episode["ncm"])
     for r in rows:
+        accs = np.array(per_episode[r["method"]])
+        assert float(r["accuracy"]) == pytest.approx(accs.mean(), abs=1e-6)
+        delta = format_delta(*paired_difference(accs, ncm[: len(accs)]))
         assert f"{100 * float(r['accuracy']):.2f} ± {100 * float(r['ci95']):.2f}" in table
+        assert delta in table.splitlines()[2 + methods.index(r["method"])]
+    assert "| ncm |" in table and "+0.00 ± 0.00" in table
+    # The extra row trained with the other config's phase-2 section.
+    saved = load_config(out / "mtl-original-code-1shot" / "config.yaml")
+    assert (saved.meta.ss_granularity, saved.meta.bn, saved.meta.meta_batch) == ("kernel", "batch", 1)
     # The same episodes for every meta-learned method: the per-episode files name the same episodes.
     ids = {
         m: (out / f"{m}-1shot" / "episodes-test-3way-1shot.csv").read_text().count("\n")
         for m in ("mtl", "ft-last")
     }
     assert ids["mtl"] == ids["ft-last"] == 13
+
+
+def test_ablate_stops_at_a_failed_row_unless_keep_going(
+    pretrained: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from metatransfer.errors import TrainingError
+    from metatransfer.train import baselines
+
+    def diverge(*args: object, **kwargs: object) -> None:
+        raise TrainingError("loss became nan at task 2")
+
+    monkeypatch.setattr(baselines, "meta_train", diverge)
+    config, tmp = pretrained
+    args = [
+        "ablate",
+        "--config",
+        str(config),
+        "--pretrained",
+        str(tmp / "pre"),
+        "--shots",
+        "1",
+        "--episodes",
+        "4",
+    ]
+    methods = ["--methods", "ncm,mtl,logreg"]
+    assert main([*args, *methods, "--out", str(tmp / "stop")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (
+        err.startswith("mtl: error: ablation row mtl 1-shot failed: loss became nan")
+        and "--keep-going" in err
+    )
+    with (tmp / "stop" / "ablation.csv").open() as f:
+        assert [r["method"] for r in csv.DictReader(f)] == ["ncm", "mtl"]  # stopped at the failed row
+    assert main([*args, *methods, "--out", str(tmp / "go"), "--keep-going"]) == 0
+    with (tmp / "go" / "ablation.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert (
+        [r["method"] for r in rows] == ["ncm", "mtl", "logreg"] and rows[1]["error"] and not rows[2]["error"]
+    )
 
 
 def test_update_all_scores_with_the_configured_temperature() -> None:
@@ -215,3 +311,25 @@ def test_update_all_scores_with_the_configured_temperature() -> None:
     # every query gets class 0 and each episode scores exactly 1/way.
     assert np.allclose(finetune_all(*args, temperature=0.0, steps=2), 1 / 3)
     assert not np.allclose(finetune_all(*args, temperature=10.0, steps=2), 1 / 3)
+
+
+def test_tune_base_learner_chooses_on_selection_episodes_and_reports_vs_ncm(
+    pretrained: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    config, tmp = pretrained
+    out = tmp / "tune"
+    args = ["tune-base-learner", "--config", str(config), "--pretrained", str(tmp / "pre"), "--out", str(out)]
+    grid = ["--steps", "0,5", "--lrs", "0.1,0.5", "--temperatures", "10", "--episodes", "15", "--shots", "1"]
+    assert main([*args, *grid, "--set", "meta.classifier_init=proto", "--set", "eval.split=val"]) == 0
+    with (out / "tune.csv").open() as f:
+        points = list(csv.DictReader(f))
+    assert [(p["steps"], p["lr"]) for p in points] == [("0", "0.1"), ("0", "0.5"), ("5", "0.1"), ("5", "0.5")]
+    # proto init with 0 steps is NCM whatever the lr: the two rows agree exactly.
+    assert points[0]["val_1shot"] == points[1]["val_1shot"]
+    best = max(points, key=lambda p: (round(float(p["val_1shot"]), 6), -int(p["steps"])))
+    report = (out / "tune.md").read_text()
+    assert (
+        f"| 1 | {best['steps']}, {float(best['lr']):g}, 10 | {100 * float(best['val_1shot']):.2f} |" in report
+    )
+    assert "of seed 1" in report and "of seed 0" in report
+    assert report in capsys.readouterr().out

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 from pathlib import Path
@@ -13,15 +12,16 @@ import torch
 from PIL import Image
 from torch import nn
 
-from metatransfer import cli
+from metatransfer.cli import main
 from metatransfer.config import Config, MetaConfig, to_yaml
+from metatransfer.data.preprocess import Preprocess
 from metatransfer.errors import UserError
 from metatransfer.models.backbones import create_backbone
-from metatransfer.models.meta_learner import MODEL_FILE, MetaLearner, prepare_backbone, save_meta_model
+from metatransfer.models.meta_learner import MetaLearner, prepare_backbone
+from metatransfer.models.model_files import EXPORT_FORMAT, MODEL_FILE, save_meta_model
 from metatransfer.models.scale_shift import SSConv2d
-from metatransfer.predict import EXPORT_FORMAT, add_commands, export_model, load
+from metatransfer.predict import export_model, load
 from metatransfer.runs import CONFIG_FILE, load_weights
-from metatransfer.train.common import Preprocess
 
 CLASSES = ["ant", "bee", "cat", "dog", "eel"]
 
@@ -85,23 +85,6 @@ def episode(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def support_set(folder: Path) -> tuple[list[Path], list[str]]:
     paths = sorted(folder.glob("*/*.png"))
     return paths, [p.parent.name for p in paths]
-
-
-def mtl(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
-    """Run `mtl` through cli.main, with predict/export registered if the CLI does not have them yet."""
-    build = cli.build_parser
-
-    def parser() -> argparse.ArgumentParser:
-        p = build()
-        sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
-        if "predict" not in sub.choices:
-            add_commands(sub)
-        return p
-
-    monkeypatch.setattr(cli, "build_parser", parser)
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(argv)
-    return int(exit_info.value.code or 0)
 
 
 def test_fit_predict_on_files(run: Path, episode: tuple[Path, Path]) -> None:
@@ -179,7 +162,6 @@ def test_export_matches_run(run: Path, episode: tuple[Path, Path], tmp_path: Pat
 def test_export_never_replaces_a_run_file_and_needs_overwrite(
     episode: tuple[Path, Path],
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     run = make_run(tmp_path / "run", channels=1)
@@ -189,20 +171,20 @@ def test_export_never_replaces_a_run_file_and_needs_overwrite(
         (run / CONFIG_FILE, "is a file of the run"),
         (tmp_path, "is a folder"),
     ):
-        assert mtl(["export", str(run), "--out", str(target), "--overwrite"], monkeypatch) == 2
+        assert main(["export", str(run), "--out", str(target), "--overwrite"]) == 2
         err = capsys.readouterr().err.strip()
         assert problem in err and "\n" not in err
     assert (run / MODEL_FILE).read_bytes() == model
     load(run)  # still usable
     existing = tmp_path / "model.mtl"
     existing.write_bytes(b"an older export")
-    assert mtl(["export", str(run), "--out", str(existing)], monkeypatch) == 2
+    assert main(["export", str(run), "--out", str(existing)]) == 2
     assert "--overwrite" in capsys.readouterr().err and existing.read_bytes() == b"an older export"
-    assert mtl(["export", str(run), "--out", str(existing), "--overwrite"], monkeypatch) == 0
+    assert main(["export", str(run), "--out", str(existing), "--overwrite"]) == 0
     assert load_weights(existing)[1]["format"] == EXPORT_FORMAT
     # An export written into the run folder is not one of the run's files: it may be replaced.
-    assert mtl(["export", str(run), "--out", str(run / "model.mtl")], monkeypatch) == 0
-    assert mtl(["export", str(run), "--out", str(run / "model.mtl"), "--overwrite"], monkeypatch) == 0
+    assert main(["export", str(run), "--out", str(run / "model.mtl")]) == 0
+    assert main(["export", str(run), "--out", str(run / "model.mtl"), "--overwrite"]) == 0
 
 
 @pytest.mark.parametrize("method", ["ss-last", "ft-last"])
@@ -218,18 +200,14 @@ def test_cli_predict_table_json_and_export(
     run: Path,
     episode: tuple[Path, Path],
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     support, query = episode
     model = tmp_path / "model.mtl"
-    assert mtl(["export", str(run), "--out", str(model)], monkeypatch) == 0
+    assert main(["export", str(run), "--out", str(model)]) == 0
     assert model.is_file()
     capsys.readouterr()
-    assert (
-        mtl(["predict", str(model), "--support", str(support), "--query", str(query), "--json"], monkeypatch)
-        == 0
-    )
+    assert main(["predict", str(model), "--support", str(support), "--query", str(query), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     queries, _ = support_set(query)
     assert [r["file"] for r in rows] == [str(q) for q in queries]
@@ -237,7 +215,7 @@ def test_cli_predict_table_json_and_export(
     assert [r["class"] for r in rows] == expected
     assert all(len(r["runner_ups"]) == 2 for r in rows)
     argv = ["predict", str(run), "--support", str(support), "--query", str(queries[0]), "--top-k", "9"]
-    assert mtl(argv, monkeypatch) == 0
+    assert main(argv) == 0
     header, line = capsys.readouterr().out.splitlines()
     assert header.split()[:3] == ["file", "class", "prob"]
     assert line.startswith(str(queries[0])) and line.count(",") == 3  # top-k capped at the 5 classes
@@ -247,14 +225,13 @@ def test_cli_reports_corrupt_query_and_continues(
     run: Path,
     episode: tuple[Path, Path],
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     support, query = episode
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG not really")
     good = sorted(query.glob("ant/*.png"))[0]
-    code = mtl(["predict", str(run), "--support", str(support), "--query", str(good), str(bad)], monkeypatch)
+    code = main(["predict", str(run), "--support", str(support), "--query", str(good), str(bad)])
     out, err = capsys.readouterr()
     assert code == 1
     assert str(bad) in out and "ERROR" in out and "1 of 2 query images" in err
@@ -269,7 +246,6 @@ def test_cli_refuses_bad_support(
     run: Path,
     episode: tuple[Path, Path],
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     rng = np.random.default_rng(2)
@@ -290,7 +266,7 @@ def test_cli_refuses_bad_support(
         named = str(first)
     elif problem == "missing query":
         query = named = str(tmp_path / "nope.png")
-    assert mtl(["predict", str(run), "--support", str(support), "--query", query], monkeypatch) == 2
+    assert main(["predict", str(run), "--support", str(support), "--query", query]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("mtl: error:") and named in err and "\n" not in err
 
@@ -306,6 +282,8 @@ def test_api_errors(run: Path, episode: tuple[Path, Path], tmp_path: Path) -> No
         learner.fit([image, image], ["x"])
     with pytest.raises(UserError, match=r"float pixels must lie in \[0, 1\]"):
         learner.fit([image * 1.0 + 2, image], ["x", "y"])
+    with pytest.raises(UserError, match=r"image 0: the image is empty \(shape \[0, 0, 1\]\)"):
+        learner.fit([np.zeros((0, 0), np.float32), image], ["x", "y"])
     with pytest.raises(UserError, match="wrap a single image in a list"):
         learner.predict("x.png")
     pickled = tmp_path / "model.pt"
@@ -314,5 +292,5 @@ def test_api_errors(run: Path, episode: tuple[Path, Path], tmp_path: Path) -> No
         load(pickled)
     with pytest.raises(UserError, match="holds no model.safetensors"):
         load(tmp_path)
-    with pytest.raises(UserError, match="precision 'fp8' is not valid"):
+    with pytest.raises(UserError, match="'precision' is 'fp8'; choose one of auto"):
         load(run, precision="fp8")

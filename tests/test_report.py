@@ -117,15 +117,12 @@ def test_report_content(run_dir: Path) -> None:
 
 
 def test_cli_report_json_and_figure(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        main(["report", str(run_dir), "--json"])
-    assert exit_info.value.code == 0
+    assert main(["report", str(run_dir), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(build_report(run_dir)))
     with Image.open(run_dir / "curves.png") as whole:
         whole_size = whole.size
     # One phase alone: its own figure, one row of panels instead of three.
-    with pytest.raises(SystemExit):
-        main(["report", str(run_dir / "meta-1shot")])
+    assert main(["report", str(run_dir / "meta-1shot")]) == 0
     assert capsys.readouterr().out.startswith("# Run report: synthetic")
     with Image.open(run_dir / "meta-1shot" / "curves.png") as one:
         assert one.size[0] == whole_size[0] and 2.5 * one.size[1] < whole_size[1]
@@ -134,9 +131,7 @@ def test_cli_report_json_and_figure(run_dir: Path, capsys: pytest.CaptureFixture
 def test_report_of_a_folder_without_runs_is_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        main(["report", str(tmp_path)])
-    assert exit_info.value.code == 2
+    assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("mtl: error: ") and "metrics.csv" in err and "\n" not in err
 
@@ -168,9 +163,7 @@ def test_tensorboard_missing_is_one_line_and_exit_2(
     monkeypatch.setattr(monitor, "tensorboard_installed", lambda: False)
     out = tmp_path / "out"
     for flags in (["--tensorboard"], ["--set", "logging.tensorboard=true"]):
-        with pytest.raises(SystemExit) as exit_info:
-            main(["pretrain", "--out", str(out), "--config", str(_default_config(tmp_path)), *flags])
-        assert exit_info.value.code == 2
+        assert main(["pretrain", "--out", str(out), "--config", str(_default_config(tmp_path)), *flags]) == 2
         err = capsys.readouterr().err.strip()
         assert err == f"mtl: error: {monitor.TENSORBOARD_HINT}"
         assert not out.exists()  # refused before any work
@@ -183,9 +176,7 @@ def _default_config(tmp_path: Path) -> Path:
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--version"])
-    assert exit_info.value.code == 0
+    assert main(["--version"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == f"metatransfer {__version__}"
     assert f"torch {torch.__version__}" in lines

@@ -2,7 +2,7 @@
 
 A phase that raises midway releases its run lock and leaves a run that the same call resumes, ending
 bit-identical to an uninterrupted run. Both phases run at fp16 here (on the CPU), with a loss scale so
-large that the first steps overflow and are skipped: the scale at a checkpoint then differs from the
+large that the first step overflows and is skipped: the scale at a checkpoint then differs from the
 initial one, and only a resume that restores it repeats the uninterrupted run.
 """
 
@@ -27,7 +27,9 @@ from metatransfer.train.pretrain import Pretrainer, pretrain
 
 from tiny import write_config, write_pattern_folder
 
-INIT_SCALE = 2.0**20  # fp16 gradients of the tiny runs overflow at this scale until it has halved a few times
+# fp16 overflows at 65504, so the first step's scaled gradients are inf for certain; its skip then
+# divides the scale by 2**20, to about where the default of 2**16 would be.
+INIT_SCALE, BACKOFF = 2.0**40, 2.0**-20
 TIMING = ("images_per_s", "epoch_s", "val_s", "tasks_per_s")
 
 
@@ -46,7 +48,10 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Config]:
 def large_init_scale(monkeypatch: pytest.MonkeyPatch) -> None:
     def grad_scaler(self: Runtime) -> torch.amp.GradScaler:
         return torch.amp.GradScaler(
-            self.device.type, init_scale=INIT_SCALE, enabled=self.amp_dtype == torch.float16
+            self.device.type,
+            init_scale=INIT_SCALE,
+            backoff_factor=BACKOFF,
+            enabled=self.amp_dtype == torch.float16,
         )
 
     monkeypatch.setattr(Runtime, "grad_scaler", grad_scaler)
@@ -115,7 +120,7 @@ def test_an_exception_releases_the_lock_and_the_fp16_run_resumes_exactly(
     # `failure` keeps the traceback, and so the phase's frames, alive: only an explicit close frees the lock.
     assert _lock_is_free(out), failure.value
     state = load_state(out / "state.pt")
-    assert state["scaler"]["scale"] < INIT_SCALE  # overflowing steps were skipped before the checkpoint
+    assert state["scaler"]["scale"] <= INIT_SCALE * BACKOFF  # the first step was skipped
     assert not (out / "DONE").exists()
 
     with monkeypatch.context() as patch:
@@ -127,10 +132,11 @@ def test_an_exception_releases_the_lock_and_the_fp16_run_resumes_exactly(
         assert all(torch.equal(expected[k], got[k]) for k in expected), name
     rows = _rows(reference)
     assert _rows(out) == rows
-    # fp16 trains: it skipped steps, and the loss fell anyway.
-    assert sum(int(r["skipped_steps"] or 0) for r in rows) > 0
-    losses = [float(r["train_loss"]) for r in rows if r["train_loss"]]
-    assert losses[-1] < losses[0]
+    # fp16 trains: steps with inf gradients were skipped, the others applied.
+    assert 0 < sum(int(r["skipped_steps"] or 0) for r in rows) < len(full)
+    if phase == "pretrain":  # and the loss fell (meta-training's query loss is too noisy for 6 steps)
+        losses = [float(r["train_loss"]) for r in rows]
+        assert losses[-1] < losses[0]
 
 
 def test_scaled_optimizer_skips_steps_with_inf_gradients_and_restores_its_scale() -> None:

@@ -119,19 +119,18 @@ def card_from_metadata(info: dict[str, str]) -> dict[str, Any] | None:
 def describe(model: str | Path) -> dict[str, Any]:
     """`mtl info`'s data: {"path", "kind" ("export" or "run"), "format_version", "card" (None if absent),
     "metadata" (the basics every file has)} for an exported file, a run directory or a model.safetensors."""
-    from metatransfer.predict import EXPORT_FORMAT
+    from metatransfer.models.model_files import read_model_file
 
     path = Path(model)
     if path.is_dir():
         path = path / META_WEIGHTS
     if not path.is_file():
         raise UserError(f"no model at {path}; pass an exported .mtl file or a meta-train run directory")
-    info = safetensors_metadata(path)
-    if "backbone" not in info:
-        raise UserError(
-            f"{path} is not a metatransfer model (no metatransfer metadata in a safetensors header)"
-        )
-    exported = info.get("format") == EXPORT_FORMAT
+    model_file = read_model_file(path)  # validated like every model file: one line for a broken one
+    if model_file.kind == "backbone":
+        raise UserError(f"{path} is a pre-trained backbone; pass an exported .mtl file or a meta-train run")
+    info = model_file.info
+    exported = model_file.kind == "export"
     card = card_from_metadata(info) if exported else build_card(path)
     basics = {
         k: info[k] for k in ("backbone", "backbone_args", "dataset", "preprocess", "precision") if k in info

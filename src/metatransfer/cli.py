@@ -1,19 +1,42 @@
 """`mtl`: the command-line front end. Each command parses its arguments and calls the library.
 
-User errors (bad paths, data, configs) print one line and exit with status 2; `--debug` shows the
-traceback instead.
+User errors (bad paths, data, configs, arguments, a file we cannot read or write) print one line and
+exit with status 2; `--debug` shows the traceback instead. `main` returns the exit status; the `mtl`
+console script and `python -m metatransfer` exit with it.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from metatransfer.config import Config, load_config
+from metatransfer.config import (
+    Count,
+    ImageSize,
+    InnerSteps,
+    LearningRate,
+    OmniglotScheme,
+    Precision,
+    Seed,
+    Shot,
+    Split,
+    Temperature,
+    Way,
+    check_value,
+    choices,
+    load_config,
+    short,
+)
 from metatransfer.errors import UserError
+
+if TYPE_CHECKING:
+    from metatransfer.config import Config
+    from metatransfer.train.meta_test import TestSetting
 
 Handler = Callable[[argparse.Namespace], int]
 QUIET_HELP = (
@@ -21,10 +44,39 @@ QUIET_HELP = (
 )
 
 
-def _config(args: argparse.Namespace) -> Config:
-    """The config file (or defaults), then --set overrides, then --data-root mapped to the dataset folder
-    (and --tensorboard; refused at once, before any work, when tensorboard is not installed)."""
-    cfg = load_config(getattr(args, "config", None), args.set or [])
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (`mtl: error: ...`, exit 2) like every other user error."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def _number(tp: Any, name: str, kind: type = int) -> Callable[[str], Any]:
+    """An argparse `type` that parses an int (or `kind`) and checks it against `tp`'s declared range (as the
+    config does)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise UserError(f"argument {name} expects {what}, got {short(text)}") from None
+        return check_value(value, tp, name)
+
+    return parse
+
+
+def _numbers(tp: Any, name: str, kind: type = int) -> Callable[[str], list[Any]]:
+    """A comma-separated list of numbers (`--shots 1,5`), each checked like `_number`."""
+    one = _number(tp, name, kind)
+    return lambda text: [one(part.strip()) for part in text.split(",")]
+
+
+def _config(args: argparse.Namespace, extra: Sequence[str] = ()) -> Any:
+    """The config file (or defaults), then --set overrides (and `extra` ones), then --data-root mapped to
+    the dataset folder (and --tensorboard; refused at once, before any work, when tensorboard is not
+    installed)."""
+    cfg = load_config(getattr(args, "config", None), [*(args.set or []), *extra])
     if getattr(args, "tensorboard", False):
         cfg = dataclasses.replace(cfg, logging=dataclasses.replace(cfg.logging, tensorboard=True))
     if cfg.logging.tensorboard:
@@ -34,7 +86,7 @@ def _config(args: argparse.Namespace) -> Config:
     return _with_data_root(cfg, getattr(args, "data_root", None))
 
 
-def _with_data_root(cfg: Config, data_root: str | None) -> Config:
+def _with_data_root(cfg: Any, data_root: str | None) -> Any:
     if not data_root:
         return cfg
     from metatransfer.data.readers import with_data_root
@@ -42,12 +94,19 @@ def _with_data_root(cfg: Config, data_root: str | None) -> Config:
     return with_data_root(cfg, data_root)
 
 
-def _out(args: argparse.Namespace, cfg: Config, phase: str) -> Path:
+def _out(args: argparse.Namespace, cfg: Any, phase: str) -> Path:
     """The output folder, refused up front (before any work) if it is not ours or lies in the dataset."""
     from metatransfer.runs import check_output
 
     out = Path(args.out) if args.out else Path("runs") / cfg.name / phase
     return check_output(out, data_root=cfg.data.root)
+
+
+def _preflight(cfg: Any, phases: Sequence[str]) -> None:
+    """Check the config against the dataset (class counts, class sizes, image size) before any training."""
+    from metatransfer.data.check import check_config_against_data
+
+    check_config_against_data(cfg, phases)
 
 
 def cmd_datasets(args: argparse.Namespace) -> int:
@@ -78,7 +137,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from metatransfer.train.pretrain import pretrain
 
     cfg = _config(args)
-    path = pretrain(cfg, _out(args, cfg, "pretrain"), overwrite=args.overwrite, resume=args.resume)
+    out = _out(args, cfg, "pretrain")
+    _preflight(cfg, ["pretrain"])
+    path = pretrain(cfg, out, overwrite=args.overwrite, resume=args.resume)
     print(f"backbone: {path}")
     return 0
 
@@ -87,22 +148,52 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
     from metatransfer.train.meta import meta_train
 
     cfg = _config(args)
-    path = meta_train(
-        cfg, Path(args.pretrained), _out(args, cfg, "meta"), overwrite=args.overwrite, resume=args.resume
-    )
+    out = _out(args, cfg, "meta")
+    _preflight(cfg, ["meta"])
+    path = meta_train(cfg, Path(args.pretrained), out, overwrite=args.overwrite, resume=args.resume)
     print(f"model: {path}")
     return 0
 
 
 def cmd_meta_test(args: argparse.Namespace) -> int:
-    from metatransfer.train.meta_test import TestSetting, meta_test, run_config
+    from metatransfer.train.meta_test import meta_test, run_config
 
+    meta_keys = [s.split("=", 1)[0].strip() for s in args.set or [] if s.strip().startswith("meta.")]
+    if meta_keys:
+        raise UserError(
+            f"meta-test uses the meta settings saved with the model, so --set {meta_keys[0]} would be ignored; "
+            "use --way/--shot/--query, or meta-train again"
+        )
     run_dir = Path(args.run_dir)
     cfg = _with_data_root(run_config(run_dir, args.set or []), args.data_root)
-    shot = args.shot if args.shot is not None else cfg.meta.shot
-    setting = TestSetting(args.split, args.way, shot, args.query, args.episodes, args.seed)
-    (result,) = meta_test(run_dir, [setting], cfg)
+    (result,) = meta_test(run_dir, [_test_setting(args, cfg)], cfg)
     print(result.line)
+    return 0
+
+
+def _test_setting(args: argparse.Namespace, cfg: Config) -> TestSetting:
+    """The episodes `--split/--way/--shot/--query/--episodes/--seed` ask for; shot and seed default to the
+    run's (its meta-trained shot, and eval.seed: the report seed, not the one that chose the model)."""
+    from metatransfer.train.meta_test import TestSetting
+
+    shot = args.shot if args.shot is not None else cfg.meta.shot
+    seed = args.seed if args.seed is not None else cfg.eval.seed
+    return TestSetting(args.split, args.way, shot, args.query, args.episodes, seed)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from metatransfer.train.compare import compare_runs
+    from metatransfer.train.evaluate import format_delta
+    from metatransfer.train.meta_test import run_config
+
+    run_a, run_b = Path(args.run_a), Path(args.run_b)
+    cfg_a, cfg_b = (_with_data_root(run_config(r), args.data_root) for r in (run_a, run_b))
+    a, b, delta, ci = compare_runs(run_a, cfg_a, run_b, cfg_b, _test_setting(args, cfg_a))
+    print(f"A {run_a}: {a.line}")
+    print(f"B {run_b}: {b.line}")
+    print(
+        f"A - B: {format_delta(delta, ci)} points (paired 95% CI over the same {len(a.accuracies)} episodes)"
+    )
     return 0
 
 
@@ -110,7 +201,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from metatransfer.train.pipeline import run_all
 
     cfg = _config(args)
-    run_all(cfg, _out(args, cfg, "run"), overwrite=args.overwrite)
+    out = _out(args, cfg, "run")
+    _preflight(cfg, ["pretrain", "meta", "eval"])
+    run_all(cfg, out, overwrite=args.overwrite)
     return 0
 
 
@@ -118,22 +211,78 @@ def cmd_compare_ht(args: argparse.Namespace) -> int:
     from metatransfer.train.compare import compare_ht
 
     cfg = _config(args)
-    compare_ht(cfg, Path(args.pretrained), _out(args, cfg, "compare-ht"), overwrite=args.overwrite)
+    out = _out(args, cfg, "compare-ht")
+    _preflight(cfg, ["meta"])
+    compare_ht(cfg, Path(args.pretrained), out, overwrite=args.overwrite)
     return 0
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
     from metatransfer.train.baselines import METHODS, ablate
 
-    cfg = _config(args)
-    if args.split:
-        cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, split=args.split))
+    cfg = _config(args, [f"eval.split={args.split}"] if args.split else [])
     methods = args.methods.split(",") if args.methods else list(METHODS)
-    shots = [int(s) for s in args.shots.split(",")]
-    episodes = args.episodes or cfg.eval.episodes
+    episodes = args.episodes if args.episodes is not None else cfg.eval.episodes
     out = _out(args, cfg, "ablation")
-    ablate(cfg, Path(args.pretrained), out, methods, shots, episodes, overwrite=args.overwrite)
+    _preflight(cfg, ["meta", "eval"])
+    extra = {}
+    for item in args.extra or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or "," in name:
+            raise UserError(f"--extra '{item}' must look like NAME=CONFIG.yaml (a name without commas)")
+        extra[name.strip()] = load_config(path)
+    rows = ablate(
+        cfg,
+        Path(args.pretrained),
+        out,
+        methods,
+        args.shots,
+        episodes,
+        overwrite=args.overwrite,
+        keep_going=args.keep_going,
+        extra=extra,
+    )
     print(f"table: {out / 'ablation.md'}")
+    failed = [r for r in rows if r.error]
+    if failed:
+        print(f"mtl: {len(failed)} of {len(rows)} ablation rows failed (see the table)", file=sys.stderr)
+    return 0
+
+
+def cmd_tune_base_learner(args: argparse.Namespace) -> int:
+    from metatransfer.train.baselines import tune_and_report
+
+    cfg = _config(args)
+    out = _out(args, cfg, "tune-base-learner")
+    _preflight(cfg, ["eval"])
+    out.mkdir(parents=True, exist_ok=True)
+    grid = [(st, lr, t) for st in args.steps for lr in args.lrs for t in args.temperatures]
+    print(tune_and_report(cfg, Path(args.pretrained), out, args.shots, grid, args.episodes))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """`mtl predict`: exit 0, or 1 when some query images could not be read (they are listed)."""
+    from metatransfer.predict import format_table, load, predict_folder, query_files
+
+    queries = query_files(args.query)
+    learner = load(args.model, device=args.device, precision=args.precision)
+    results = predict_folder(learner, args.support, queries, args.top_k)
+    if args.json:
+        print(json.dumps([r.to_json() for r in results], indent=2))
+    else:
+        print(format_table(results))
+    failed = sum(r.error is not None for r in results)
+    if failed:
+        print(f"mtl: {failed} of {len(results)} query images could not be read", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from metatransfer.predict import export_model
+
+    path = export_model(args.run_dir, args.out, overwrite=args.overwrite)
+    print(f"exported: {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     return 0
 
 
@@ -145,8 +294,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    import json
-
     from metatransfer.card import describe, render
 
     desc = describe(args.model)
@@ -211,7 +358,11 @@ def _common_train_args(p: argparse.ArgumentParser, *, config_required: bool = Tr
     p.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. meta.way=20"
     )
-    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a finished run in --out (only files metatransfer wrote)",
+    )
     p.add_argument(
         "--tensorboard",
         action="store_true",
@@ -219,15 +370,7 @@ def _common_train_args(p: argparse.ArgumentParser, *, config_required: bool = Tr
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mtl", description="Meta-Transfer Learning for few-shot classification"
-    )
-    parser.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
-    parser.add_argument("--version", action=_Version)
-    parser.add_argument("-q", "--quiet", action="store_true", help=QUIET_HELP)
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_data_commands(sub: Any) -> None:
     p = sub.add_parser("datasets", help="list dataset readers and the layout each expects")
     p.set_defaults(func=cmd_datasets)
 
@@ -236,14 +379,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = data_sub.add_parser("check", help="decode every image, report bad files, build the cache")
     p.add_argument("dataset")
     p.add_argument("--root", help="the dataset's folder (not needed for glyphs)")
-    p.add_argument("--scheme", help="omniglot: vinyals (default) or lake")
+    p.add_argument("--scheme", choices=choices(OmniglotScheme), help="omniglot: vinyals (default) or lake")
     p.add_argument(
         "--rotations", action="store_true", help="omniglot vinyals: add 90-degree rotation classes"
     )
-    p.add_argument("--size", type=int, help="image side in pixels for the cache (default: the reader's)")
+    p.add_argument(
+        "--size",
+        type=_number(ImageSize, "--size"),
+        help="image side in pixels for the cache (default: the reader's)",
+    )
     p.add_argument("--cache-dir", help="cache folder (default $MTL_CACHE_DIR or ~/.cache/metatransfer)")
     p.set_defaults(func=cmd_data_check)
 
+
+def _add_training_commands(sub: Any) -> None:
     p = sub.add_parser("pretrain", help="phase 1: supervised pre-training of the backbone")
     _common_train_args(p)
     p.add_argument("--resume", action="store_true", default=None, help="continue the unfinished run in --out")
@@ -257,15 +406,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("meta-test", help="phase 3: accuracy with 95%% CI over few-shot episodes")
     p.add_argument("run_dir")
-    p.add_argument("--split", default="test")
-    p.add_argument("--way", type=int, default=5)
-    p.add_argument("--shot", type=int, help="default: the shot the model was meta-trained for")
-    p.add_argument("--query", type=int, default=15)
-    p.add_argument("--episodes", type=int, default=600)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data-root", help="where the dataset is now, if not where it was at training")
+    _test_setting_args(p)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key of the run's config")
     p.set_defaults(func=cmd_meta_test)
+
+    p = sub.add_parser("compare", help="two meta-train runs on identical episodes: the paired difference")
+    p.add_argument("run_a")
+    p.add_argument("run_b")
+    _test_setting_args(p)
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser(
         "compare-ht", help="meta-train with and without hard tasks; plot val accuracy vs tasks"
@@ -278,14 +427,91 @@ def build_parser() -> argparse.ArgumentParser:
     _common_train_args(p)
     p.add_argument("--pretrained", required=True, help="phase-1 run directory (or its backbone.safetensors)")
     p.add_argument("--methods", help="comma-separated subset (default: all)")
-    p.add_argument("--split", help="evaluation split (default: eval.split of the config)")
-    p.add_argument("--shots", default="1,5")
-    p.add_argument("--episodes", type=int, help="evaluation episodes (default: eval.episodes)")
+    p.add_argument(
+        "--split", choices=choices(Split), help="evaluation split (default: eval.split of the config)"
+    )
+    p.add_argument(
+        "--shots", type=_numbers(Shot, "--shots"), default=[1, 5], help="comma-separated (default 1,5)"
+    )
+    p.add_argument(
+        "--episodes", type=_number(Count, "--episodes"), help="evaluation episodes (default: eval.episodes)"
+    )
+    p.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="go on after a row fails (it is marked in the table) and exit 0; default: stop with status 2",
+    )
+    p.add_argument(
+        "--extra",
+        action="append",
+        metavar="NAME=CONFIG",
+        help="an extra meta-learned row trained with CONFIG's meta section, e.g. "
+        "'mtl (original code)=configs/mini-imagenet-32-original.yaml'",
+    )
     p.set_defaults(func=cmd_ablate)
+
+    p = sub.add_parser(
+        "tune-base-learner",
+        help="choose the base learner's steps, lr and temperature on val selection episodes; report vs NCM",
+    )
+    _common_train_args(p)
+    p.add_argument("--pretrained", required=True, help="phase-1 run directory (or its backbone.safetensors)")
+    p.add_argument(
+        "--shots", type=_numbers(Shot, "--shots"), default=[1, 5], help="comma-separated (default 1,5)"
+    )
+    p.add_argument("--steps", type=_numbers(InnerSteps, "--steps"), default=[0, 10, 25, 50, 100])
+    p.add_argument("--lrs", type=_numbers(LearningRate, "--lrs", float), default=[0.01, 0.03, 0.1, 0.3, 0.5])
+    p.add_argument(
+        "--temperatures", type=_numbers(Temperature, "--temperatures", float), default=[5.0, 10.0, 20.0]
+    )
+    p.add_argument("--episodes", type=_number(Count, "--episodes"), default=300, help="selection episodes")
+    p.set_defaults(func=cmd_tune_base_learner)
 
     p = sub.add_parser("run", help="all three phases end to end, with a summary table")
     _common_train_args(p)
     p.set_defaults(func=cmd_run)
+
+
+def _test_setting_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--split", default="test", choices=choices(Split))
+    p.add_argument("--way", type=_number(Way, "--way"), default=5)
+    p.add_argument(
+        "--shot", type=_number(Shot, "--shot"), help="default: the shot the model was meta-trained for"
+    )
+    p.add_argument("--query", type=_number(Shot, "--query"), default=15)
+    p.add_argument("--episodes", type=_number(Count, "--episodes"), default=600)
+    p.add_argument(
+        "--seed",
+        type=_number(Seed, "--seed"),
+        help="episode seed (default: the run's eval.seed, the report seed)",
+    )
+    p.add_argument("--data-root", help="where the dataset is now, if not where it was at training")
+
+
+def _add_model_commands(sub: Any) -> None:
+    p = sub.add_parser("predict", help="classify your images after learning new classes from a few examples")
+    p.add_argument("model", help="exported .mtl file or meta-train run directory")
+    p.add_argument("--support", required=True, help="folder with one sub-folder of images per class")
+    p.add_argument(
+        "--query", required=True, nargs="+", metavar="PATH", help="image files or folders (recursive)"
+    )
+    p.add_argument(
+        "--top-k", type=_number(Count, "--top-k"), default=3, help="classes listed per image (default 3)"
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    p.add_argument(
+        "--precision",
+        choices=choices(Precision),
+        help="default: the model's own, as mtl meta-test uses (auto: bf16 on CPUs with native bf16)",
+    )
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="write a meta-trained model as one portable .mtl file")
+    p.add_argument("run_dir", help="meta-train run directory (or its model.safetensors)")
+    p.add_argument("--out", required=True, help="output file, e.g. model.mtl")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("report", help="summary of a run (Markdown or --json); redraws its curves.png")
     p.add_argument("run_dir", help="a run directory: one phase, or the folder mtl run wrote")
@@ -297,9 +523,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
 
-    from metatransfer.predict import add_commands
 
-    add_commands(sub)
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mtl", description="Meta-Transfer Learning for few-shot classification")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
+    parser.add_argument("--version", action=_Version)
+    parser.add_argument("-q", "--quiet", action="store_true", help=QUIET_HELP)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_data_commands(sub)
+    _add_training_commands(sub)
+    _add_model_commands(sub)
     for command in sub.choices.values():  # `mtl run --quiet ...` as well as `mtl --quiet run ...`
         if not any("--quiet" in a.option_strings for a in command._actions):
             command.add_argument(
@@ -308,9 +541,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _fail(message: str) -> int:
+    print(f"mtl: error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `mtl` with `argv` (default: the command line) and return its exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv[:1]
+    try:
+        args = build_parser().parse_args(argv)
+    except UserError as exc:
+        return _fail(str(exc))
+    except SystemExit as exc:  # --help and --version exit 0 from inside argparse
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 2
     handler: Handler = args.func
     from metatransfer import progress
     from metatransfer.device import keep_freed_memory
@@ -318,13 +563,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     keep_freed_memory()
     try:
         with progress.forced("off" if args.quiet else None):
-            code = handler(args)
+            return handler(args)
     except UserError as exc:
-        if args.debug:
+        if debug:
             raise
-        print(f"mtl: error: {exc}", file=sys.stderr)
-        code = 2
+        return _fail(str(exc))
+    except OSError as exc:  # a read or write of ours that no message was prepared for: still one line
+        if debug:
+            raise
+        where = f" {exc.filename}" if exc.filename else ""
+        return _fail(f"cannot access{where}: {exc.strerror or exc}")
     except KeyboardInterrupt:
         print("mtl: interrupted", file=sys.stderr)
-        code = 130
-    sys.exit(code)
+        return 130

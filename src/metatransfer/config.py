@@ -1,35 +1,143 @@
 """Typed run configuration: dataclass defaults, YAML files on top, `--set key=value` overrides last.
 
-Every value is checked against its declared type when it is set, so a typo in a config file or on the
-command line fails at start-up with the key's dotted name, not hours into a run. The resolved config
-is saved as `config.yaml` beside a run's outputs and can be loaded back with `load_config`.
+Every key declares its type and, for numbers, its allowed range in one place: its annotation here
+(`Annotated[int, Range(1, 10_000)]`, `Literal["fail", "skip"]`). The loader checks each value against
+it when the config is built, so a typo or an impossible value fails at start-up with the key's dotted
+name, not hours into a run. The resolved config is saved as `config.yaml` beside a run's outputs and
+can be loaded back with `load_config`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import reprlib
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 
 from metatransfer.errors import ConfigError
+
+# String options: each one's allowed values are written only here. Code that needs them at run time
+# (argument parsers, readers) reads them with `choices(...)`.
+Split = Literal["train", "val", "test"]
+OmniglotScheme = Literal["vinyals", "lake"]
+OnBadImage = Literal["fail", "skip"]
+Schedule = Literal["cosine", "step"]
+Head = Literal["linear", "cosine"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Method = Literal["mtl", "ss-last", "ft-last", "ft-theta"]
+BatchNormMode = Literal["frozen", "train", "batch"]
+ClassifierInit = Literal["zero", "proto"]
+Granularity = Literal["filter", "kernel"]
+
+SEED_MAX = 2**63 - 1  # torch generators take 64-bit seeds
+
+
+def choices(option: Any) -> tuple[str, ...]:
+    """The allowed values of a `Literal[...]` option, e.g. `choices(Precision)`."""
+    return tuple(typing.get_args(option))
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 6
+_SHORT.maxstring = _SHORT.maxother = 40
+_SHORT.maxlevel = 2
+
+
+def short(value: Any, limit: int = 60) -> str:
+    """`repr(value)` cut to `limit` characters: error messages never print a whole (possibly huge) value."""
+    text = _SHORT.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@dataclass(frozen=True)
+class Range:
+    """The interval a number must lie in, declared next to its key: `Annotated[float, Range(0, 1, low_open=True)]`.
+
+    NaN lies in no range, and every range is finite, so inf and absurd values are refused too.
+    """
+
+    low: float
+    high: float
+    low_open: bool = False  # low itself excluded (e.g. a learning rate > 0)
+    high_open: bool = False
+
+    def check(self, key: str, value: Any) -> None:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        if not (above and below):  # also False for NaN
+            lo, hi = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            raise ConfigError(
+                f"{_label(key)} must be in {lo}{_num(self.low)}, {_num(self.high)}{hi}, got {short(value)}"
+            )
+
+
+@dataclass(frozen=True)
+class Length:
+    """How many items a list key holds: `Annotated[list[int], Length(1, 16)]`."""
+
+    low: int
+    high: int
+
+    def check(self, key: str, value: Any) -> None:
+        if not self.low <= len(value) <= self.high:
+            n = f"{self.low}" if self.low == self.high else f"{self.low} to {self.high}"
+            raise ConfigError(f"{_label(key)} needs {n} values, got {len(value)}: {short(value)}")
+
+
+@dataclass(frozen=True)
+class Ascending:
+    """A list whose items must not decrease (e.g. a (min, max) pair)."""
+
+    def check(self, key: str, value: Any) -> None:
+        if any(a > b for a, b in zip(value, value[1:], strict=False)):
+            raise ConfigError(f"{_label(key)} must be in increasing order (min first), got {short(value)}")
+
+
+def _label(key: str) -> str:
+    """How a message names `key`: a config key ("config key 'meta.way'") or a CLI argument ("--episodes")."""
+    return f"argument {key}" if key.startswith("-") else f"config key '{key}'"
+
+
+def check_value(value: Any, tp: Any, name: str) -> Any:
+    """`value` checked against the annotation `tp` (type, choices, range) as the config loader does;
+    `name` is a config key or a CLI argument ("--episodes") for the message."""
+    return _coerce(value, tp, name)
+
+
+def _num(x: float) -> str:
+    return f"{x:,}".replace(",", "_") if isinstance(x, int) and abs(x) >= 10_000 else f"{x:g}"
+
+
+# Shorthands for the ranges most keys use.
+Count = Annotated[int, Range(1, 1_000_000_000)]  # at least one (tasks, episodes, steps between events)
+Seed = Annotated[int, Range(0, SEED_MAX)]
+Shot = Annotated[int, Range(1, 10_000)]
+Way = Annotated[int, Range(2, 10_000)]
+LearningRate = Annotated[float, Range(0, 100, low_open=True)]
+Temperature = Annotated[float, Range(0, 10_000, low_open=True)]
+InnerSteps = Annotated[int, Range(0, 100_000)]  # 0 is allowed: with classifier_init proto it is plain NCM
+Fraction = Annotated[float, Range(0, 1)]
+ImageSize = Annotated[int, Range(1, 4096)]  # pixels; each backbone also has a minimum (checked with the data)
+Workers = Annotated[int, Range(0, 1024)]  # decode threads (0 = all cores)
 
 
 @dataclass
 class DataConfig:
     dataset: str = "glyphs"  # reader name, see `mtl datasets`
     root: str | None = None  # dataset folder (or a parent holding it; --data-root sets this)
-    scheme: str | None = None  # omniglot: "vinyals" (1028/172/423) or "lake" (964/659)
+    scheme: OmniglotScheme | None = None  # omniglot: "vinyals" (1028/172/423) or "lake" (964/659)
     rotations: bool = False  # omniglot vinyals: 90-degree rotations as extra classes (x4)
-    size: int = 28  # images are resized once to size x size when the cache is built
+    # images are resized once to size x size when the cache is built (each backbone has a minimum)
+    size: ImageSize = 28
     cache_dir: str | None = None  # default: $MTL_CACHE_DIR or ~/.cache/metatransfer
-    on_bad_image: str = "fail"  # "fail" or "skip" (with a warning naming each file)
-    workers: int = 0  # decode workers for building the cache (0 = all cores)
+    on_bad_image: OnBadImage = "fail"  # "fail" or "skip" (with a warning naming each file)
+    workers: Workers = 0  # decode workers for building the cache (0 = all cores)
 
 
 @dataclass
@@ -41,31 +149,35 @@ class ModelConfig:
 @dataclass
 class AugmentConfig:
     enabled: bool = True
-    crop_scale: list[float] = field(default_factory=lambda: [0.35, 1.0])  # random-resized-crop area range
+    # random-resized-crop area range (min, max), fractions of the image
+    crop_scale: Annotated[list[Annotated[float, Range(0, 1, low_open=True)]], Length(2, 2), Ascending()] = (
+        field(default_factory=lambda: [0.35, 1.0])
+    )
     flip: bool = True
-    color_jitter: float = 0.4  # brightness/contrast/saturation strength (RGB only)
+    # brightness/contrast/saturation strength (RGB only): factors in [1 - x, 1 + x]
+    color_jitter: Annotated[float, Range(0, 1, high_open=True)] = 0.4
 
 
 @dataclass
 class PretrainConfig:
     """Phase 1: supervised training of backbone + linear classifier on all train-split classes."""
 
-    epochs: int = 30
-    batch_size: int = 128
-    images_per_epoch: int | None = None  # None = the whole train split each epoch
-    lr: float = 0.1
-    momentum: float = 0.9
+    epochs: Annotated[int, Range(1, 100_000)] = 30
+    batch_size: Annotated[int, Range(1, 65_536)] = 128
+    images_per_epoch: Count | None = None  # None = the whole train split each epoch
+    lr: LearningRate = 0.1
+    momentum: Annotated[float, Range(0, 1, high_open=True)] = 0.9
     nesterov: bool = True
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"  # "cosine" or "step"
-    step_size: int = 10  # epochs between decays ("step")
-    gamma: float = 0.1  # decay factor ("step")
-    warmup_epochs: int = 0
-    label_smoothing: float = 0.0
-    head: str = "linear"  # "linear" (paper) or "cosine" (normalised features and weights, learned scale)
+    weight_decay: Fraction = 5e-4
+    schedule: Schedule = "cosine"  # "cosine" or "step"
+    step_size: Annotated[int, Range(1, 100_000)] = 10  # epochs between decays ("step")
+    gamma: Annotated[float, Range(0, 1, low_open=True)] = 0.1  # decay factor ("step")
+    warmup_epochs: Annotated[int, Range(0, 100_000)] = 0
+    label_smoothing: Annotated[float, Range(0, 1, high_open=True)] = 0.0
+    head: Head = "linear"  # "linear" (paper) or "cosine" (normalised features and weights, learned scale)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    val_episodes: int = 200  # fixed 5-way val episodes per epoch, nearest class mean (cosine)
-    val_shots: list[int] = field(default_factory=lambda: [1, 5])
+    val_episodes: Count = 200  # fixed 5-way val episodes per epoch, nearest class mean (cosine)
+    val_shots: Annotated[list[Shot], Length(1, 16)] = field(default_factory=lambda: [1, 5])
 
 
 @dataclass
@@ -73,49 +185,56 @@ class HTConfig:
     """Hard-task meta-batches (the paper's HT): re-learn tasks made of the failure classes."""
 
     enabled: bool = False
-    tasks_per_batch: int = 1  # hard tasks built after each meta-batch
-    start_after: int = 0  # ordinary tasks seen before hard tasks begin
+    tasks_per_batch: Annotated[int, Range(1, 10_000)] = 1  # hard tasks built after each meta-batch
+    start_after: Annotated[int, Range(0, 1_000_000_000)] = 0  # ordinary tasks seen before hard tasks begin
 
 
 @dataclass
 class MetaConfig:
     """Phase 2: meta-transfer learning of the SS parameters Phi and the classifier initialisation theta."""
 
-    method: str = "mtl"  # mtl (SS all layers), ss-last, ft-last, ft-theta; see `mtl ablate`
-    way: int = 5
-    shot: int = 1
-    query: int = 15
-    meta_batch: int = 2  # tasks per outer update
-    tasks: int = 2000  # ordinary meta-training tasks in total
-    inner_steps: int = 20  # base-learner steps per task while meta-training
-    inner_steps_test: int = 50  # base-learner steps per task at meta-test
-    inner_lr: float = 0.1  # beta
-    lr_ss: float = 1e-3  # gamma_1, for Phi (scale and shift)
-    lr_theta: float = 1e-4  # gamma_2, for theta's initialisation (small: rows are exchangeable, see README)
-    lr_decay: float = 0.5
-    lr_decay_every: int = 1000  # tasks
+    method: Method = "mtl"  # mtl (SS all layers), ss-last, ft-last, ft-theta; see `mtl ablate`
+    way: Way = 5
+    shot: Shot = 1
+    query: Shot = 15
+    meta_batch: Annotated[int, Range(1, 4096)] = 2  # tasks per outer update
+    tasks: Count = 2000  # ordinary meta-training tasks in total
+    inner_steps: InnerSteps = 20  # base-learner steps per task while meta-training
+    inner_steps_test: InnerSteps = 50  # base-learner steps per task at meta-test
+    inner_lr: LearningRate = 0.1  # beta
+    lr_ss: Annotated[float, Range(0, 100)] = 1e-3  # gamma_1, for Phi (scale and shift); 0 freezes Phi
+    # gamma_2, for theta's initialisation (small: rows are exchangeable, see README); 0 freezes theta
+    lr_theta: Annotated[float, Range(0, 100)] = 1e-4
+    lr_decay: Annotated[float, Range(0, 1, low_open=True)] = 0.5
+    lr_decay_every: Count = 1000  # tasks
     first_order: bool = True  # the original code's first-order outer gradient; False = exact
-    bn: str = "frozen"  # "frozen" (phase-1 running statistics) or "train" (meta-learn BN affine)
-    ss_granularity: str = "filter"  # "filter" (paper) or "kernel" (original PyTorch code)
+    # BatchNorm in meta-training: "frozen" (phase-1 statistics and affine), "train" (phase-1 statistics,
+    # affine meta-learned), "batch" (batch statistics and affine meta-learned, as the original code;
+    # running statistics keep updating, and meta-test uses them).
+    bn: BatchNormMode = "frozen"
+    ss_granularity: Granularity = "filter"  # "filter" (paper) or "kernel" (original PyTorch code)
     normalize_features: bool = True  # L2-normalise features before the linear base learner
-    temperature: float = 10.0  # logit scale for normalised features
+    # Where each task's classifier starts: "zero" (theta alone, the paper) or "proto" (theta plus the
+    # support set's nearest-class-mean classifier, Proto-MAML: step 0 is NCM, the inner loop refines it).
+    classifier_init: ClassifierInit = "zero"
+    temperature: Temperature = 10.0  # logit scale for normalised features
     augment: bool = False
-    val_every: int = 500  # tasks between validations
-    val_episodes: int = 200
+    val_every: Count = 500  # tasks between validations
+    val_episodes: Count = 200
     ht: HTConfig = field(default_factory=HTConfig)
 
 
 @dataclass
 class EvalConfig:
-    split: str = "test"
-    ways: list[int] = field(default_factory=lambda: [5])
-    shots: list[int] = field(default_factory=lambda: [1, 5])
-    query: int = 15
-    episodes: int = 600
-    seed: int = 0  # reported episodes depend only on this seed (not on the training seed)
+    split: Split = "test"
+    ways: Annotated[list[Way], Length(1, 16)] = field(default_factory=lambda: [5])
+    shots: Annotated[list[Shot], Length(1, 16)] = field(default_factory=lambda: [1, 5])
+    query: Shot = 15
+    episodes: Count = 600
+    seed: Seed = 0  # reported episodes depend only on this seed (not on the training seed)
     # Episodes that choose anything (pre-training epoch, meta checkpoint, update-theta's grid, sweeps)
     # come from this other seed, so no reported number is computed on episodes that selected it.
-    selection_seed: int = 1
+    selection_seed: Seed = 1
 
 
 @dataclass
@@ -130,11 +249,11 @@ class LoggingConfig:
 @dataclass
 class Config:
     name: str = "run"
-    seed: int = 0
+    seed: Seed = 0
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
-    precision: str = "auto"  # "auto" (bf16 on CPUs with bf16, fp16 AMP on CUDA), "fp32", "bf16", "fp16"
+    precision: Precision = "auto"  # "auto" (bf16 on CPUs with bf16, fp16 AMP on CUDA), "fp32", "bf16", "fp16"
     channels_last: bool = True
-    threads: int = 0  # torch intra-op threads on CPU (0 = leave torch's default)
+    threads: Annotated[int, Range(0, 4096)] = 0  # torch intra-op threads on CPU (0 = leave torch's default)
     # torch.compile the backbone's meta-training forward+backward: fuses SS, BatchNorm and activations
     # (about 1.5x more tasks/s for ResNet-12 at 84 px on a CPU) for a one-time cost of about a minute.
     # Needs a C++ compiler on CPU; if compiling fails the run warns once and goes on uncompiled.
@@ -147,25 +266,43 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
-# Values a string option may take; checked after every load so a typo fails at start-up.
-CHOICES: dict[str, tuple[str, ...]] = {
-    "data.on_bad_image": ("fail", "skip"),
-    "pretrain.schedule": ("cosine", "step"),
-    "pretrain.head": ("linear", "cosine"),
-    "precision": ("auto", "fp32", "bf16", "fp16"),
-    "meta.method": ("mtl", "ss-last", "ft-last", "ft-theta"),
-    "meta.bn": ("frozen", "train"),
-    "meta.ss_granularity": ("filter", "kernel"),
-}
+def _unannotated(tp: Any) -> tuple[Any, tuple[Any, ...]]:
+    """`Annotated[T, *checks]` -> (T, checks); any other type -> (tp, ())."""
+    if typing.get_origin(tp) is Annotated:
+        base, *checks = typing.get_args(tp)
+        return base, tuple(checks)
+    return tp, ()
 
 
 def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    if typing.get_origin(tp) is Annotated:
+        return _type_name(typing.get_args(tp)[0])
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(typing.get_args(tp))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Return `value` checked (and, for int -> float, widened) against the annotation `tp`."""
+    """Return `value` checked (and, for int -> float, widened) against the annotation `tp`.
+
+    `Annotated[T, check, ...]`: the value is coerced to T, then each check (`Range`, `Length`, ...) runs.
+    """
     origin = typing.get_origin(tp)
+    if origin is Annotated:
+        base, checks = _unannotated(tp)
+        value = _coerce(value, base, key)
+        for check in checks:
+            check.check(key, value)
+        return value
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if isinstance(value, str) and value in allowed:
+            return value
+        raise ConfigError(f"{_label(key)} is {short(value)}; choose one of {', '.join(allowed)}")
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -173,25 +310,29 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         for arg in args:
             if arg is type(None):
                 continue
+            base, checks = _unannotated(arg)
             try:
-                return _coerce(value, arg, key)
+                value_as_arg = _coerce(value, base, key)
             except ConfigError:
-                pass
-        raise ConfigError(f"config key '{key}' expects {_type_name(tp)}, got {value!r}")
+                continue
+            for check in checks:  # the type fits: its range decides, with its own message
+                check.check(key, value_as_arg)
+            return value_as_arg
+        raise ConfigError(f"{_label(key)} expects {_type_name(tp)}, got {short(value)}")
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
+            raise ConfigError(f"{_label(key)} expects a list, got {short(value)}")
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, Mapping):
-            raise ConfigError(f"config key '{key}' expects a mapping, got {value!r}")
+            raise ConfigError(f"{_label(key)} expects a mapping, got {short(value)}")
         return dict(value)
     if tp is Any:
         return value
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
-            raise ConfigError(f"config key '{key}' expects a mapping of {tp.__name__} fields, got {value!r}")
+            raise ConfigError(f"{_label(key)} expects a mapping of {tp.__name__} fields, got {short(value)}")
         return _build(tp, value, prefix=f"{key}.")
     # bool is an int subclass: keep them apart so `epochs: true` or `enabled: 1` is refused.
     if tp is bool:
@@ -202,7 +343,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an int too large for a float: its range refuses it
+                return float("inf")
         # YAML 1.1 reads `1e-5` (no dot) as a string; accept what Python reads as a number.
         if isinstance(value, str):
             try:
@@ -211,16 +355,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 pass
     elif tp is str and isinstance(value, str):
         return value
-    raise ConfigError(f"config key '{key}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    raise ConfigError(f"{_label(key)} expects {_type_name(tp)}, got {short(value)} ({type(value).__name__})")
 
 
 def _build(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(values) - set(names))
+    unknown = sorted(set(map(str, values)) - set(names))
     if unknown:
+        name = unknown[0] if len(unknown[0]) <= 40 else unknown[0][:37] + "..."
         raise ConfigError(
-            f"unknown config key '{prefix}{unknown[0]}' (known keys here: {', '.join(prefix + n for n in names)})"
+            f"unknown config key '{prefix}{name}' (known keys here: {', '.join(prefix + n for n in names)})"
         )
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in values.items()}
     return cls(**kwargs)
@@ -236,15 +381,56 @@ def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+# Limits on what a config file or override may expand to: a YAML alias "bomb" (anchors of anchors)
+# is refused quickly instead of exhausting memory while the value is walked.
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_NODES = 100_000
+MAX_YAML_DEPTH = 32
+
+
+# libyaml's safe loader when PyYAML has it (same types as yaml.SafeLoader, about 10x faster).
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _yaml_load(text: str, where: str) -> Any:
+    """Parse YAML safely (no Python objects), bounded in size, expanded node count and depth."""
+    if len(text) > MAX_YAML_BYTES:
+        raise ConfigError(f"{where} is {len(text)} characters; a config is at most {MAX_YAML_BYTES}")
+    try:
+        data = yaml.load(text, Loader=_SAFE_LOADER)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    except RecursionError as exc:
+        raise ConfigError(f"{where} nests deeper than {MAX_YAML_DEPTH} levels") from exc
+    _check_expanded_size(data, where)
+    return data
+
+
+def _check_expanded_size(data: Any, where: str) -> None:
+    """Count the nodes `data` expands to (aliases count every time), stopping at the limit."""
+    stack: list[tuple[Any, int]] = [(data, 0)]
+    count = 0
+    while stack:
+        value, depth = stack.pop()
+        count += 1
+        if count > MAX_YAML_NODES:
+            raise ConfigError(
+                f"{where} expands to more than {MAX_YAML_NODES} values (YAML aliases?); refusing to read it"
+            )
+        if depth > MAX_YAML_DEPTH:
+            raise ConfigError(f"{where} nests deeper than {MAX_YAML_DEPTH} levels")
+        if isinstance(value, Mapping):
+            stack.extend((v, depth + 1) for kv in value.items() for v in kv)
+        elif isinstance(value, list | tuple):
+            stack.extend((v, depth + 1) for v in value)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Split `meta.way=20` into (["meta", "way"], 20); the value is parsed as YAML (`[1,5]`, `true`, `null`)."""
     if "=" not in text:
-        raise ConfigError(f"override '{text}' must look like key=value, e.g. meta.way=20")
+        raise ConfigError(f"override '{short(text)}' must look like key=value, e.g. meta.way=20")
     key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override '{text}': value is not valid YAML ({exc.__class__.__name__})") from exc
+    value = _yaml_load(raw, f"override '{short(text)}'") if raw.strip() else ""
     return key.strip().split("."), value
 
 
@@ -255,17 +441,11 @@ def _nest(path: list[str], value: Any) -> dict[str, Any]:
     return out
 
 
-def _check_choices(cfg: Config) -> None:
-    for key, allowed in CHOICES.items():
-        value: Any = cfg
-        for part in key.split("."):
-            value = getattr(value, part)
-        if value not in allowed:
-            raise ConfigError(f"config key '{key}' is {value!r}; choose one of {', '.join(allowed)}")
-
-
 def build_config(layers: Iterable[Mapping[str, Any]] = (), overrides: Iterable[str] = ()) -> Config:
-    """Defaults, then each mapping in `layers` (e.g. parsed YAML files), then `key=value` overrides."""
+    """Defaults, then each mapping in `layers` (e.g. parsed YAML files), then `key=value` overrides.
+
+    Every value is checked against its key's declared type and range (see the module docstring).
+    """
     merged: dict[str, Any] = {}
     for layer in layers:
         merged = _merge(merged, layer)
@@ -273,24 +453,38 @@ def build_config(layers: Iterable[Mapping[str, Any]] = (), overrides: Iterable[s
         path, value = parse_override(text)
         merged = _merge(merged, _nest(path, value))
     cfg: Config = _build(Config, merged)
-    _check_choices(cfg)
+    _check_combinations(cfg)
+    return cfg
+
+
+def _check_combinations(cfg: Config) -> None:
+    """Rules between keys (each key's own range is in its annotation)."""
     if cfg.eval.selection_seed == cfg.eval.seed:
         raise ConfigError(
             f"eval.selection_seed and eval.seed are both {cfg.eval.seed}: the episodes that choose a model "
             "must differ from the reported ones; give them different seeds"
         )
-    return cfg
+    if cfg.pretrain.nesterov and cfg.pretrain.momentum == 0:
+        raise ConfigError(
+            "config key 'pretrain.momentum' is 0, but pretrain.nesterov needs momentum; "
+            "raise it or set pretrain.nesterov: false"
+        )
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Parse a YAML config file safely (no Python objects), naming the file on any problem."""
+    """Parse a YAML config file safely (no Python objects, bounded size), naming the file on any problem."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {p} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {p}: {exc.strerror or exc}") from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {p} is not UTF-8 text (bad byte at offset {exc.start})") from exc
+    data = _yaml_load(text, f"config file {p}")
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -301,6 +495,40 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
     """Load a config file (or only defaults when `path` is None) and apply `key=value` overrides."""
     return build_config([read_yaml(path)] if path is not None else [], overrides)
+
+
+def meta_config(values: Mapping[str, Any], where: str) -> MetaConfig:
+    """A `MetaConfig` from a mapping (e.g. a model file's metadata), checked like the config's `meta` section."""
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{where}: meta settings must be a mapping, got {short(values)}")
+    meta: MetaConfig = _build(MetaConfig, values, prefix="meta.")
+    return meta
+
+
+def numeric_keys(cls: type = Config, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Every key whose value is a number or a list of numbers, with its annotation: ("meta.way", Way), ...
+
+    Walks the dataclasses, so a key added to them is listed (and so covered by the property test).
+    """
+    hints = typing.get_type_hints(cls, include_extras=True)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        base = tp
+        while typing.get_origin(base) is Annotated:
+            base = typing.get_args(base)[0]
+        if isinstance(base, type) and dataclasses.is_dataclass(base):
+            yield from numeric_keys(base, f"{prefix}{f.name}.")
+        elif _is_numeric(base):
+            yield f"{prefix}{f.name}", tp
+
+
+def _is_numeric(tp: Any) -> bool:
+    while typing.get_origin(tp) is Annotated:
+        tp = typing.get_args(tp)[0]
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType, list):
+        return any(_is_numeric(a) for a in typing.get_args(tp) if a is not type(None))
+    return tp in (int, float)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -10,45 +10,48 @@
 the SS parameters folded into plain convolutions, theta, and the config as JSON metadata; nothing is
 ever unpickled.
 
-torch and the training code are imported inside the functions: `mtl` registers these commands when it
-builds its parser, and `mtl --help` should not pay for importing torch.
+`mtl` imports this module only when `predict` or `export` runs, and `metatransfer.load` imports it on
+first use, so `mtl --help` and `import metatransfer` do not pay for importing torch.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
-import sys
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import numpy as np
+import torch
+from PIL import Image
+
+from metatransfer.card import CARD_KEY, build_card, card_from_metadata, now_iso
+from metatransfer.config import MetaConfig, build_config, load_config
+from metatransfer.data.preprocess import Preprocess
+from metatransfer.data.readers.base import IMAGE_EXTENSIONS, class_folders_split, read_regular_file
+from metatransfer.data.store import ImageStore, decode_error_reason, decode_image, refuse_decompression_bombs
+from metatransfer.device import Runtime, resolve_runtime
 from metatransfer.errors import UserError
+from metatransfer.models.meta_learner import MetaLearner, inner_loop
+from metatransfer.models.model_files import (
+    MODEL_FILE,
+    ModelFileError,
+    export_metadata,
+    read_model_file,
+)
+from metatransfer.models.scale_shift import fold_ss
+from metatransfer.runs import CONFIG_FILE, run_file_owner, save_weights
+from metatransfer.train.evaluate import classify, extract_features
 
-if TYPE_CHECKING:
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    from metatransfer.config import MetaConfig
-    from metatransfer.device import Runtime
-    from metatransfer.models.meta_learner import MetaLearner
-    from metatransfer.train.common import Preprocess
-
-    ImageInput = str | os.PathLike[str] | Image.Image | np.ndarray | torch.Tensor
-    Images = Sequence[ImageInput] | np.ndarray | torch.Tensor
-
-EXPORT_FORMAT = "metatransfer-model"  # metadata "format" of an exported file
-EXPORT_VERSION = 1  # bump when the exported layout changes; `load` refuses newer versions
+ImageInput = str | os.PathLike[str] | Image.Image | np.ndarray | torch.Tensor
+Images = Sequence[ImageInput] | np.ndarray | torch.Tensor
 
 
 def _hwc_uint8(a: np.ndarray, what: str) -> np.ndarray:
     """An image array -> [H, W, C] uint8 (C in 1, 3, 4), following the conventions documented on `FewShotLearner`."""
-    import numpy as np
-
     if a.ndim == 2:
         a = a[:, :, None]
     elif a.ndim == 3 and a.shape[-1] not in (1, 3, 4):
@@ -59,6 +62,8 @@ def _hwc_uint8(a: np.ndarray, what: str) -> np.ndarray:
         a = a.transpose(1, 2, 0)
     elif a.ndim != 3:
         raise UserError(f"{what}: expected an image of shape [H, W], [H, W, C] or [C, H, W], got {a.shape}")
+    if a.size == 0:
+        raise UserError(f"{what}: the image is empty (shape {list(a.shape)})")
     if a.dtype == np.uint8:
         return np.ascontiguousarray(a)
     if not np.issubdtype(a.dtype, np.floating):
@@ -76,19 +81,12 @@ def image_array(image: ImageInput, pre: Preprocess, what: str = "image") -> np.n
 
     A path that cannot be read or decoded raises UserError naming it.
     """
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    from metatransfer.data.store import decode_image
-
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
         try:
-            return decode_image(path.read_bytes(), pre.size, pre.channels)
+            with refuse_decompression_bombs():
+                return decode_image(read_regular_file(path), pre.size, pre.channels)
         except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt data; all mean "bad image"
-            from metatransfer.data.store import decode_error_reason
-
             raise UserError(
                 f"cannot read image {path}: {decode_error_reason(e)}; replace or remove it"
             ) from e
@@ -108,10 +106,6 @@ def image_array(image: ImageInput, pre: Preprocess, what: str = "image") -> np.n
 
 def _items(images: Images) -> list[ImageInput]:
     """The images of a batch argument: a sequence, or a 4-D array/tensor [B, H, W, C] / [B, C, H, W]."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
     if isinstance(images, (str, os.PathLike, Image.Image)):
         raise UserError("expected a list of images; wrap a single image in a list: [image]")
     if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim != 4:
@@ -124,8 +118,6 @@ def _items(images: Images) -> list[ImageInput]:
 
 def _stack(arrays: Sequence[np.ndarray], pre: Preprocess) -> np.ndarray:
     """[size, size, channels] uint8 arrays -> [n, size, size, channels] (n may be 0)."""
-    import numpy as np
-
     shape = (0, pre.size, pre.size, pre.channels)
     return np.stack(arrays) if arrays else np.zeros(shape, dtype=np.uint8)
 
@@ -174,11 +166,6 @@ class FewShotLearner:
 
     def features(self, arrays: np.ndarray) -> torch.Tensor:
         """[n, size, size, channels] uint8 -> backbone features [n, d] float32 (eval mode), as meta-test computes them."""
-        import numpy as np
-
-        from metatransfer.data.store import ImageStore
-        from metatransfer.train.evaluate import extract_features
-
         store = ImageStore.from_offsets(arrays, np.array([0, len(arrays)]), ["images"], "predict")
         return extract_features(self.model.backbone, store, self.runtime, self.pre.mean, self.pre.std)
 
@@ -189,8 +176,6 @@ class FewShotLearner:
         (by class, then by pixel content) first, so the result does not depend on the order given.
         Returns self.
         """
-        import torch
-
         arrays = self.to_arrays(images)
         labels = list(labels)
         if len(labels) != len(arrays):
@@ -211,12 +196,6 @@ class FewShotLearner:
 
     def probabilities(self, arrays: np.ndarray) -> np.ndarray:
         """[n, size, size, channels] uint8 (see `to_arrays`) -> class probabilities [n, len(classes)] float32."""
-        import numpy as np
-        import torch
-
-        from metatransfer.models.meta_learner import inner_loop
-        from metatransfer.train.evaluate import classify
-
         if self._support is None:
             raise UserError("call fit(support_images, support_labels) before predicting")
         way = len(self.classes)
@@ -248,12 +227,21 @@ def load(
     bf16, else fp32), so predictions match meta-test's; "fp32" gives the same numbers on every machine;
     or "auto", "bf16", "fp16" (CUDA).
     """
-    from metatransfer.card import build_card, card_from_metadata
-    from metatransfer.config import CHOICES, Config
-    from metatransfer.device import resolve_runtime
-    from metatransfer.models.meta_learner import MODEL_FILE, load_meta_model
-    from metatransfer.runs import load_weights
+    path = _model_path(model)
+    f = read_model_file(path)  # validates any model file
+    if f.meta is None or not isinstance(f.module, MetaLearner):
+        raise ModelFileError(
+            f"{path} is a pre-trained backbone; pass a meta-train run directory or a .mtl file"
+        )
+    precision = precision or _recorded_precision(path, f.info)
+    runtime = resolve_runtime(build_config([{"device": device, "precision": precision}]))
+    runtime.model(f.module)
+    card = card_from_metadata(f.info) if f.kind == "export" else build_card(path)
+    return FewShotLearner(f.module, f.pre, f.meta, runtime, card)
 
+
+def _model_path(model: str | os.PathLike[str]) -> Path:
+    """A model file, or a run directory's MODEL_FILE (UserError if it holds none)."""
     path = Path(model)
     if path.is_dir():
         path = path / MODEL_FILE
@@ -261,71 +249,15 @@ def load(
             raise UserError(
                 f"{path.parent} holds no {MODEL_FILE}; pass a meta-train run directory or a .mtl file"
             )
-    tensors, info = load_weights(path)
-    if info.get("format") == EXPORT_FORMAT:
-        learner, pre, meta = _from_export(path, tensors, info)
-        card = card_from_metadata(info)
-    else:
-        learner, pre, meta = load_meta_model(path)
-        card = build_card(path)
-    precision = precision or _recorded_precision(path, info)
-    if precision not in CHOICES["precision"]:
-        raise UserError(
-            f"precision {precision!r} is not valid; choose one of: {', '.join(CHOICES['precision'])}"
-        )
-    runtime = resolve_runtime(Config(device=device, precision=precision))
-    runtime.model(learner)
-    return FewShotLearner(learner, pre, meta, runtime, card)
+    return path
 
 
 def _recorded_precision(model_file: Path, info: dict[str, str]) -> str:
     """The precision meta-test runs this model with: an export's record, else its run's config.yaml, else auto."""
-    from metatransfer.config import load_config
-    from metatransfer.runs import CONFIG_FILE
-
     if "precision" in info:
         return info["precision"]
     config = model_file.parent / CONFIG_FILE
     return load_config(config).precision if config.is_file() else "auto"
-
-
-def _from_export(
-    path: Path, tensors: dict[str, torch.Tensor], info: dict[str, str]
-) -> tuple[MetaLearner, Preprocess, MetaConfig]:
-    """Rebuild an exported model: the plain backbone, with a bias on each conv the export folded SS into."""
-    import torch
-    from torch import nn
-
-    from metatransfer.config import MetaConfig
-    from metatransfer.models.backbones import create_backbone
-    from metatransfer.models.meta_learner import MetaLearner
-    from metatransfer.train.common import Preprocess
-
-    version = int(info.get("format_version", "0"))
-    if version > EXPORT_VERSION:
-        raise UserError(
-            f"{path} is format version {version}; this metatransfer reads up to {EXPORT_VERSION}, upgrade it"
-        )
-    try:
-        meta = MetaConfig(**json.loads(info["meta"]))
-        pre = Preprocess.from_json(info["preprocess"])
-        backbone = create_backbone(info["backbone"], pre.channels, **json.loads(info["backbone_args"]))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise UserError(f"{path} has malformed metatransfer metadata ({exc}); export it again") from exc
-    for name, module in backbone.named_modules():
-        # The plain architecture's convs have no bias (BN follows); folded SS ones carry b + shift.
-        if isinstance(module, nn.Conv2d) and module.bias is None and f"backbone.{name}.bias" in tensors:
-            module.bias = nn.Parameter(torch.zeros(module.out_channels))
-    learner = MetaLearner(
-        backbone, tensors["theta_weight"].shape[0] if "theta_weight" in tensors else meta.way
-    )
-    try:
-        learner.load_state_dict(tensors)
-    except RuntimeError as exc:
-        raise UserError(
-            f"{path} does not match backbone {info['backbone']}: {str(exc).splitlines()[0]}"
-        ) from exc
-    return learner.eval(), pre, meta
 
 
 def export_model(
@@ -338,11 +270,6 @@ def export_model(
     `format`/`format_version`, the run's `precision` and the model `card`. An existing `out` is replaced
     only with `overwrite`, and never when it is one of a run's own files. Returns the written path.
     """
-    from metatransfer.card import CARD_KEY, build_card, now_iso
-    from metatransfer.models.meta_learner import MODEL_FILE, load_meta_model
-    from metatransfer.models.scale_shift import fold_ss
-    from metatransfer.runs import load_weights, run_file_owner, save_weights
-
     source = Path(run)
     if source.is_dir():
         source = source / MODEL_FILE
@@ -350,17 +277,18 @@ def export_model(
         raise UserError(f"no meta-trained model at {source}; pass a meta-train run directory")
     out = Path(out)
     _check_export_target(out, overwrite, run_file_owner(out))
-    learner, _, _ = load_meta_model(source)
-    _, info = load_weights(source)
+    model = read_model_file(source)
+    if model.kind != "meta" or not isinstance(model.module, MetaLearner):
+        what = (
+            "already an exported model; copy the file" if model.kind == "export" else "a pre-trained backbone"
+        )
+        raise ModelFileError(f"{source} is {what}; export a meta-train run's {MODEL_FILE}")
     metadata = {
-        **info,
-        "format": EXPORT_FORMAT,
-        "format_version": str(EXPORT_VERSION),
-        "precision": _recorded_precision(source, info),
+        **export_metadata(model.info, _recorded_precision(source, model.info)),
         CARD_KEY: json.dumps(build_card(source, created=now_iso())),
     }
     # Not recorded as a run file: `--overwrite` of a run it was written into leaves the export alone.
-    save_weights(out, fold_ss(learner).state_dict(), metadata, record=False)
+    save_weights(out, fold_ss(model.module).state_dict(), metadata, record=False)
     return out
 
 
@@ -394,8 +322,6 @@ class QueryResult:
 
 def query_files(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
     """Files named directly (whatever their extension) plus the images found recursively in folders."""
-    from metatransfer.data.readers.base import IMAGE_EXTENSIONS
-
     found: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -424,10 +350,6 @@ def predict_folder(
     Support problems (fewer than 2 classes, an empty class folder, an unreadable image) raise
     UserError; an unreadable query file becomes a result with `error` set.
     """
-    import numpy as np
-
-    from metatransfer.data.readers.base import class_folders_split
-
     root = Path(support)
     if not root.is_dir():
         raise UserError(f"support folder {root} does not exist; give a folder with one sub-folder per class")
@@ -470,51 +392,3 @@ def format_table(results: Sequence[QueryResult]) -> str:
     return "\n".join(
         f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:>{widths[2]}}  {d}".rstrip() for a, b, c, d in rows
     )
-
-
-def cmd_predict(args: argparse.Namespace) -> int:
-    """`mtl predict`: exit 0, or 1 when some query images could not be read (they are listed)."""
-    if args.top_k < 1:
-        raise UserError(f"--top-k must be at least 1, got {args.top_k}")
-    queries = query_files(args.query)
-    learner = load(args.model, device=args.device, precision=args.precision)
-    results = predict_folder(learner, args.support, queries, args.top_k)
-    if args.json:
-        print(json.dumps([r.to_json() for r in results], indent=2))
-    else:
-        print(format_table(results))
-    failed = sum(r.error is not None for r in results)
-    if failed:
-        print(f"mtl: {failed} of {len(results)} query images could not be read", file=sys.stderr)
-    return 1 if failed else 0
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    path = export_model(args.run_dir, args.out, overwrite=args.overwrite)
-    print(f"exported: {path} ({path.stat().st_size / 2**20:.1f} MiB)")
-    return 0
-
-
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Register `predict` and `export` on `mtl`'s sub-command parser."""
-    p = sub.add_parser("predict", help="classify your images after learning new classes from a few examples")
-    p.add_argument("model", help="exported .mtl file or meta-train run directory")
-    p.add_argument("--support", required=True, help="folder with one sub-folder of images per class")
-    p.add_argument(
-        "--query", required=True, nargs="+", metavar="PATH", help="image files or folders (recursive)"
-    )
-    p.add_argument("--top-k", type=int, default=3, help="classes listed per image (default 3)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
-    p.add_argument(
-        "--precision",
-        choices=("auto", "fp32", "bf16", "fp16"),
-        help="default: the model's own, as mtl meta-test uses (auto: bf16 on CPUs with native bf16)",
-    )
-    p.set_defaults(func=cmd_predict)
-
-    p = sub.add_parser("export", help="write a meta-trained model as one portable .mtl file")
-    p.add_argument("run_dir", help="meta-train run directory (or its model.safetensors)")
-    p.add_argument("--out", required=True, help="output file, e.g. model.mtl")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    p.set_defaults(func=cmd_export)

@@ -25,7 +25,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from metatransfer.config import Config, to_yaml
-from metatransfer.errors import UserError, file_error
+from metatransfer.errors import TrainingError, UserError, file_error
 
 CONFIG_FILE = "config.yaml"
 DONE_FILE = "DONE"
@@ -244,7 +244,11 @@ def save_weights(
     *,
     record: bool = True,
 ) -> None:
-    """Save tensors as safetensors (atomically); `metadata` is a str -> str map stored in the header."""
+    """Save tensors as safetensors (atomically); `metadata` is a str -> str map stored in the header.
+
+    Non-finite weights are never written (TrainingError): the file on disk stays the last good one.
+    """
+    _check_finite(path, tensors)
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     atomic_write_bytes(path, st_save(flat, metadata=dict(metadata) if metadata else None), record=record)
 
@@ -269,8 +273,42 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     return tensors, dict(header.get("__metadata__") or {})
 
 
+def _non_finite(value: Any, key: str = "") -> str | None:
+    """The key of the first floating-point tensor in `value` (nested dicts/lists) holding NaN or inf."""
+    if isinstance(value, torch.Tensor):
+        return key if value.is_floating_point() and not bool(torch.isfinite(value).all()) else None
+    items = (
+        value.items()
+        if isinstance(value, Mapping)
+        else enumerate(value)
+        if isinstance(value, list | tuple)
+        else ()
+    )
+    for k, v in items:
+        found = _non_finite(v, f"{key}.{k}" if key else str(k))
+        if found is not None:
+            return found
+    return None
+
+
+def _check_finite(path: str | Path, state: Mapping[str, Any]) -> None:
+    """TrainingError if any tensor of `state` is not finite: such a state is never saved."""
+    bad = _non_finite(state)
+    if bad is not None:
+        step = f" at step {state['step']}" if "step" in state else ""
+        raise TrainingError(
+            f"{bad} holds NaN or infinite values{step}, so {Path(path).name} was not saved; the last good "
+            "checkpoint is kept. Lower the learning rate or use precision=fp32"
+        )
+
+
 def save_state(path: str | Path, state: Mapping[str, Any]) -> None:
-    """Save resume state (optimiser, scheduler, RNG, counters) atomically in torch's format."""
+    """Save resume state (optimiser, scheduler, RNG, counters) atomically in torch's format.
+
+    A state holding a non-finite tensor (a diverged update) is refused with TrainingError, so the file
+    on disk is always the last finite one.
+    """
+    _check_finite(path, state)
     buf = io.BytesIO()
     torch.save(dict(state), buf)
     atomic_write_bytes(path, buf.getvalue())

@@ -5,11 +5,18 @@ Only reads the dataset folder; everything written goes to the cache folder.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from metatransfer.errors import ConfigError, DataError
 
 from .readers import create_reader
 from .store import BadImage, load_or_build, reader_options
+
+if TYPE_CHECKING:
+    from metatransfer.config import Config
 
 
 @dataclass(frozen=True)
@@ -93,3 +100,79 @@ def check_dataset(
         report.splits.append(SplitReport(split, store.num_classes, len(store)))
         report.bad.extend(bad)
     return report
+
+
+@dataclass(frozen=True)
+class Need:
+    """What a phase's episodes ask of a split: `way` classes holding at least `per_class` images each."""
+
+    split: str
+    way: int
+    per_class: int
+    keys: str  # the config keys that set it, for the message
+
+
+def episode_needs(cfg: Config, phases: Sequence[str]) -> list[Need]:
+    """The episodes each of `phases` ("pretrain", "meta", "eval") will sample, as split requirements."""
+    from metatransfer.train.pretrain import FewShotValidator
+
+    needs = []
+    if "pretrain" in phases:
+        needs.append(Need("train", 2, 1, "pre-training"))
+        val_per_class = max(cfg.pretrain.val_shots) + cfg.eval.query
+        needs.append(Need("val", FewShotValidator.way, val_per_class, "pretrain.val_shots + eval.query"))
+    if "meta" in phases:
+        # `mtl run` meta-trains once per shot of eval.shots; alone, meta-train uses meta.shot.
+        shot = max(cfg.eval.shots) if "eval" in phases else cfg.meta.shot
+        per_class = shot + cfg.meta.query
+        needs += [
+            Need(s, cfg.meta.way, per_class, "meta.way, meta.shot + meta.query") for s in ("train", "val")
+        ]
+    if "eval" in phases:
+        per_class = max(cfg.eval.shots) + cfg.eval.query
+        needs.append(
+            Need(cfg.eval.split, max(cfg.eval.ways), per_class, "eval.ways, eval.shots + eval.query")
+        )
+    return needs
+
+
+def check_config_against_data(cfg: Config, phases: Sequence[str]) -> None:
+    """Refuse, before any training, a config the dataset cannot serve: too few classes for a way, classes
+    too small for shot + query, a missing split, an image size below the backbone's minimum.
+
+    Only lists the dataset (no decoding); DataError/ConfigError naming the keys otherwise.
+    """
+    data = cfg.data
+    reader = create_reader(data.dataset, data.root, **reader_options(data.scheme, data.rotations))
+    _check_backbone(cfg, reader.channels)
+    sizes: dict[str, list[int]] = {}
+    for need in episode_needs(cfg, phases):
+        if need.split not in sizes:
+            spec = reader.split(need.split)  # DataError naming the missing split
+            sizes[need.split] = [len(s) for s in spec.sources]
+        counts = sizes[need.split]
+        if need.way > len(counts):
+            raise DataError(
+                f"{data.dataset} '{need.split}' has {len(counts)} classes, fewer than the {need.way}-way "
+                f"episodes of {need.keys}; lower the way"
+            )
+        if min(counts) < need.per_class:  # the episode sampler asks it of every class
+            raise DataError(
+                f"{need.keys} need {need.per_class} images per class, but a class of {data.dataset} "
+                f"'{need.split}' has only {min(counts)}; lower them"
+            )
+
+
+def _check_backbone(cfg: Config, channels: int) -> None:
+    """The backbone and its options are valid and `data.size` is at least its smallest input (no allocation)."""
+    import torch
+
+    from metatransfer.models.backbones import create_backbone
+
+    with torch.device("meta"):
+        backbone = create_backbone(cfg.model.backbone, channels, **cfg.model.backbone_args)
+    if cfg.data.size < backbone.min_size:
+        raise ConfigError(
+            f"config key 'data.size' is {cfg.data.size}, but backbone {cfg.model.backbone} needs images of "
+            f"at least {backbone.min_size} px"
+        )

@@ -77,14 +77,6 @@ class EpisodeSampler:
     def num_classes(self) -> int:
         return len(self.sizes)
 
-    def support_labels(self) -> np.ndarray:
-        """Labels of ``Episode.support``: [way * shot] int64, 0 0 .. 1 1 .."""
-        return np.repeat(np.arange(self.way, dtype=np.int64), self.shot)
-
-    def query_labels(self) -> np.ndarray:
-        """Labels of ``Episode.query``: [way * query] int64."""
-        return np.repeat(np.arange(self.way, dtype=np.int64), self.query)
-
     def episode(self, i: int) -> Episode:
         """Episode ``i`` (>= 0): ``way`` distinct random classes, ``shot + query`` distinct images each."""
         rng = np.random.default_rng([self.seed, self._index(i)])

@@ -11,13 +11,15 @@ each member's CRC), so checking it costs no reads and a changed, added or remove
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import io
 import json
 import os
 import uuid
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from metatransfer.errors import ConfigError, DataError
+from metatransfer.config import ImageSize, Workers, check_value
+from metatransfer.errors import DataError
 from metatransfer.progress import track
 
 from .readers import ImageSource, SplitSpec, create_reader
@@ -38,7 +41,6 @@ if TYPE_CHECKING:
 CACHE_FORMAT = 1  # bump when the cache layout or the decoding changes
 CHUNK = 256  # images per decode task: large enough to amortise scheduling, small for a smooth progress bar
 MAX_LISTED = 50  # bad paths spelled out in one message; the sidecar JSON keeps all of them
-ON_BAD_IMAGE = ("fail", "skip")
 
 
 @dataclass(frozen=True)
@@ -70,10 +72,6 @@ class ImageStore:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
-    def class_slices(self) -> list[slice]:
-        """Per class the slice of ``images`` holding it."""
-        return [slice(int(a), int(b)) for a, b in zip(self.offsets[:-1], self.offsets[1:], strict=True)]
-
     @classmethod
     def from_offsets(
         cls, images: np.ndarray, offsets: np.ndarray, classes: list[str], split: str
@@ -98,6 +96,8 @@ def decode_image(data: bytes | np.ndarray, size: int, channels: int) -> np.ndarr
     Raises whatever PIL raises for undecodable data.
     """
     mode = "L" if channels == 1 else "RGB"
+    if isinstance(data, np.ndarray) and data.size == 0:
+        raise OSError(f"empty image (shape {list(data.shape)})")
     if not len(data):
         raise OSError("empty file (0 bytes)")
     if isinstance(data, np.ndarray):
@@ -109,6 +109,19 @@ def decode_image(data: bytes | np.ndarray, size: int, channels: int) -> np.ndarr
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(img, dtype=np.uint8).reshape(size, size, channels)
+
+
+@contextlib.contextmanager
+def refuse_decompression_bombs() -> Iterator[None]:
+    """Within the block, an image over PIL's pixel limit is an error (a bad image), not a warning.
+
+    PIL only warns between MAX_IMAGE_PIXELS and twice that, and decodes the image anyway. Warning
+    filters are process-wide, so this is entered once around a whole decode (its worker threads see
+    it) rather than per image.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
 
 
 def split_fingerprint(spec: SplitSpec, size: int) -> str:
@@ -135,11 +148,15 @@ def _fsync(path: Path) -> None:
 
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _remove_stale_temporaries(cache: Path, stem: str) -> None:
@@ -183,7 +200,30 @@ def decode_error_reason(e: Exception) -> str:
         return "not an image file"
     if isinstance(e, FileNotFoundError):
         return "file not found"
+    if isinstance(e, Image.DecompressionBombWarning | Image.DecompressionBombError):
+        return f"too many pixels (over {Image.MAX_IMAGE_PIXELS:,}), refused as a possible decompression bomb"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
     return describe_error(e)
+
+
+def _reserve(path: Path, what: str) -> None:
+    """Allocate `path`'s whole size on disk now, so a full disk is an error here and not a SIGBUS when the
+    memory map is written (a sparse file's blocks are only allocated on first write)."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            size = os.fstat(fd).st_size
+            raise DataError(
+                f"no space for the image cache of {what} ({size / 2**20:.1f} MiB) in {path.parent}; "
+                "free some space or set data.cache_dir (or $MTL_CACHE_DIR)"
+            ) from e
+        if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):  # no fallocate: write as is
+            raise
+    finally:
+        os.close(fd)
 
 
 def _build(
@@ -200,13 +240,16 @@ def _build(
     job_list = list(jobs.values())
     counts = np.array([len(s) for s in spec.sources], dtype=np.int64)
     tmp = npy_path.with_name(f"{npy_path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.npy")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(row, size, size, spec.channels))
     bad: list[tuple[list[int], BadImage]] = []
     # Threads, not processes: PIL releases the GIL while decoding and resizing, and threads can write
     # straight into the memory map (measured on 2 cores: ~1.7x serial, close to a process pool).
     pool = ThreadPoolExecutor(max_workers=workers)
     try:
-        with track(row, desc, "img", leave=False, enabled=progress) as bar:
+        out = np.lib.format.open_memmap(
+            tmp, mode="w+", dtype=np.uint8, shape=(row, size, size, spec.channels)
+        )
+        _reserve(tmp, f"{spec.name} ({row} images)")
+        with track(row, desc, "img", leave=False, enabled=progress) as bar, refuse_decompression_bombs():
             chunks = [job_list[a : a + CHUNK] for a in range(0, len(job_list), CHUNK)]
             futures = [pool.submit(_decode_jobs, chunk, out, spec.channels) for chunk in chunks]
             for chunk, fut in zip(chunks, futures, strict=True):
@@ -232,9 +275,14 @@ def _drop(out: np.memmap, tmp: Path, drop: list[int], counts: np.ndarray) -> tup
     labels = np.repeat(np.arange(len(counts)), counts)
     new_counts = np.bincount(labels[keep], minlength=len(counts)).astype(np.int64)
     compact = tmp.with_name(tmp.name + ".compact")
-    dst = np.lib.format.open_memmap(
-        compact, mode="w+", dtype=np.uint8, shape=(int(keep.sum()), *out.shape[1:])
-    )
+    try:
+        dst = np.lib.format.open_memmap(
+            compact, mode="w+", dtype=np.uint8, shape=(int(keep.sum()), *out.shape[1:])
+        )
+        _reserve(compact, f"{len(dst)} images")
+    except BaseException:
+        compact.unlink(missing_ok=True)
+        raise
     rows = np.flatnonzero(keep)
     for a in range(0, len(rows), 4096):  # bounded memory for large splits
         dst[a : a + 4096] = out[rows[a : a + 4096]]
@@ -272,11 +320,8 @@ def load_or_build(
     """
     options = reader_options(scheme, rotations)
     reader = create_reader(dataset, root, **options)
-    size = reader.default_size if size is None else size
-    if not isinstance(size, int) or size < 1:
-        raise ConfigError(f"data.size must be a positive number of pixels, got {size!r}")
-    if not isinstance(workers, int) or workers < 0:
-        raise ConfigError(f"data.workers must be 0 (all cores) or a positive count, got {workers!r}")
+    size = check_value(reader.default_size if size is None else size, ImageSize, "data.size")
+    workers = check_value(workers, Workers, "data.workers")
     spec = reader.split(split)
     fingerprint = split_fingerprint(spec, size)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
@@ -293,14 +338,29 @@ def load_or_build(
     cached = _load_cached(npy_path, meta_path, fingerprint, spec)
     if cached is not None:
         return cached
-    _remove_stale_temporaries(cache, stem)
-    offsets, bad = _build(
-        spec, size, npy_path, _worker_count(workers), progress, f"decoding {dataset} {split}"
-    )
+    try:
+        offsets, bad = _build_and_record(
+            dataset, spec, size, fingerprint, npy_path, _worker_count(workers), progress
+        )
+    except OSError as e:  # disk full, read-only, not a folder, no permission: one line
+        raise DataError(
+            f"cannot write the image cache in {cache}: {e.strerror or describe_error(e)}; "
+            "free some space or set data.cache_dir (or $MTL_CACHE_DIR)"
+        ) from e
+    images = np.load(npy_path, mmap_mode="r")
+    return ImageStore.from_offsets(images, offsets, spec.classes, split), bad
+
+
+def _build_and_record(
+    dataset: str, spec: SplitSpec, size: int, fingerprint: str, npy_path: Path, workers: int, progress: bool
+) -> tuple[np.ndarray, list[BadImage]]:
+    """Build the cache array, then its sidecar (`.json`); if the sidecar cannot be written, drop the array too."""
+    _remove_stale_temporaries(npy_path.parent, npy_path.stem)
+    offsets, bad = _build(spec, size, npy_path, workers, progress, f"decoding {dataset} {spec.name}")
     meta = {
         "format": CACHE_FORMAT,
         "dataset": dataset,
-        "split": split,
+        "split": spec.name,
         "size": size,
         "channels": spec.channels,
         "fingerprint": fingerprint,
@@ -308,9 +368,13 @@ def load_or_build(
         "offsets": offsets.tolist(),
         "bad": [[b.path, b.reason] for b in bad],
     }
-    _atomic_write_text(meta_path, json.dumps(meta))
-    images = np.load(npy_path, mmap_mode="r")
-    return ImageStore.from_offsets(images, offsets, spec.classes, split), bad
+    meta_path = npy_path.with_suffix(".json")
+    try:
+        _atomic_write_text(meta_path, json.dumps(meta))
+    except BaseException:
+        npy_path.unlink(missing_ok=True)  # an array no sidecar describes is never used: do not keep it
+        raise
+    return offsets, bad
 
 
 def _worker_count(workers: int) -> int:
@@ -353,10 +417,6 @@ def open_split(data: DataConfig, split: str, *, progress: bool = True) -> ImageS
     Bad images: ``data.on_bad_image == "fail"`` raises DataError naming them all; ``"skip"`` warns naming
     them and leaves them out.
     """
-    if data.on_bad_image not in ON_BAD_IMAGE:
-        raise ConfigError(
-            f"data.on_bad_image must be one of {', '.join(ON_BAD_IMAGE)}, got {data.on_bad_image!r}"
-        )
     store, bad = load_or_build(
         data.dataset,
         data.root,

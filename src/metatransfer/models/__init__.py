@@ -11,8 +11,6 @@ from metatransfer.models.backbones import (
     register_backbone,
 )
 from metatransfer.models.scale_shift import (
-    GRANULARITIES,
-    LAYER_CHOICES,
     SSConv2d,
     convert_to_ss,
     count_trainable,
@@ -24,8 +22,6 @@ from metatransfer.models.scale_shift import (
 
 __all__ = [
     "BACKBONES",
-    "GRANULARITIES",
-    "LAYER_CHOICES",
     "Backbone",
     "Conv4",
     "ResNet12",

@@ -14,6 +14,7 @@ from typing import TypeVar
 
 from torch import Tensor, nn
 
+from metatransfer.config import short
 from metatransfer.errors import ConfigError
 
 __all__ = [
@@ -92,8 +93,13 @@ def _projection(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequ
     )
 
 
-def _is_positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+# The widest layer any backbone may have: far above every published width (640), and small enough that a
+# config or model file asking for more (a typo, or a hostile file) is refused before anything is built.
+MAX_WIDTH = 16_384
+
+
+def _is_positive_int(value: object, high: int = MAX_WIDTH) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= high
 
 
 def _check_widths(backbone: str, widths: Sequence[int], count: int) -> tuple[int, ...]:
@@ -104,18 +110,22 @@ def _check_widths(backbone: str, widths: Sequence[int], count: int) -> tuple[int
         or len(widths) != count
         or not all(_is_positive_int(w) for w in widths)
     ):
-        raise ConfigError(f"backbone '{backbone}': widths must be {count} positive integers, got {widths!r}")
+        raise ConfigError(
+            f"backbone '{backbone}': widths must be {count} integers in [1, {MAX_WIDTH}], got {short(widths)}"
+        )
     return tuple(widths)
 
 
 def _check_positive_int(backbone: str, key: str, value: int) -> None:
     if not _is_positive_int(value):
-        raise ConfigError(f"backbone '{backbone}': {key} must be a positive integer, got {value!r}")
+        raise ConfigError(
+            f"backbone '{backbone}': {key} must be an integer in [1, {MAX_WIDTH}], got {short(value)}"
+        )
 
 
 def _check_probability(backbone: str, key: str, value: float) -> None:
     if not isinstance(value, int | float) or not 0.0 <= value < 1.0:
-        raise ConfigError(f"backbone '{backbone}': {key} must be in [0, 1), got {value!r}")
+        raise ConfigError(f"backbone '{backbone}': {key} must be in [0, 1), got {short(value)}")
 
 
 B = TypeVar("B", bound=type[Backbone])
@@ -236,8 +246,8 @@ class ResNet12(Backbone):
     ) -> None:
         widths = _check_widths("resnet12", widths, 4)
         _check_probability("resnet12", "dropout", dropout)
-        if not isinstance(slope, int | float) or slope < 0:
-            raise ConfigError(f"backbone 'resnet12': slope must be a number >= 0, got {slope!r}")
+        if isinstance(slope, bool) or not isinstance(slope, int | float) or not 0 <= slope <= 1:
+            raise ConfigError(f"backbone 'resnet12': slope must be in [0, 1], got {short(slope)}")
         ins = (in_channels, *widths[:-1])
         blocks = [ResNet12Block(cin, cout, slope, dropout) for cin, cout in zip(ins, widths, strict=True)]
         super().__init__(in_channels, nn.Identity(), blocks, widths[-1])

@@ -6,6 +6,10 @@ classifier has the closed form  dL/dW = s * (P - Y)^T X / n,  dL/db = sum_i (P -
 inner loop needs no autograd graph: at meta-test thousands of episodes adapt in one batched loop,
 and in first-order meta-training the support branch carries no graph at all. Written with ordinary
 tensor ops, the same loop is also differentiable, which gives the exact (second-order) mode.
+
+With `init="proto"` the loop starts from the nearest-class-mean classifier of the support set
+(Proto-MAML, Triantafillou et al. 2020) plus the meta-learned theta: at step 0 it *is* nearest class
+mean, so the inner loop can only refine it (with steps=0 it stays exactly NCM).
 """
 
 from __future__ import annotations
@@ -25,10 +29,13 @@ class InnerLoop:
     temperature: float = 10.0  # logit scale s; with normalised features logits are s * cosine-like scores
     normalize: bool = True  # L2-normalise features first, so one lr suits every backbone
     weight_decay: float = 0.0  # L2 penalty on the weight (logistic-regression baseline)
+    init: str = "zero"  # "zero": start from theta alone; "proto": theta + the support's prototype classifier
 
     def __post_init__(self) -> None:
-        if self.steps < 0 or self.lr <= 0 or self.temperature <= 0:
-            raise ValueError(f"InnerLoop needs steps >= 0, lr > 0, temperature > 0; got {self}")
+        if self.steps < 0 or self.lr <= 0 or self.temperature <= 0 or self.init not in ("zero", "proto"):
+            raise ValueError(
+                f"InnerLoop needs steps >= 0, lr > 0, temperature > 0, init 'zero' or 'proto'; got {self}"
+            )
 
 
 def prepare(features: torch.Tensor, loop: InnerLoop) -> torch.Tensor:
@@ -42,16 +49,46 @@ def logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, loop: Inne
     return loop.temperature * torch.bmm(x, weight.transpose(1, 2)) + bias.unsqueeze(1)
 
 
+def prototype_classifier(
+    x: torch.Tensor, y: torch.Tensor, way: int, loop: InnerLoop
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The nearest-class-mean classifier of a support set as linear weights ([T, way, d], [T, way]).
+
+    x: [T, n, d] prepared support features, y: [T, n]. With normalised features W is each class's
+    normalised mean and b = 0, so `logits` = temperature * cosine to the prototype: the ranking of the
+    `ncm` baseline. On raw features it is Proto-MAML's squared-Euclidean form, W = 2p / temperature and
+    b = -|p|^2, so `logits` = -|x - p|^2 + |x|^2. Differentiable in x.
+    """
+    onehot = F.one_hot(y, way).to(x.dtype)  # [T, n, way]
+    protos = torch.bmm(onehot.transpose(1, 2), x) / onehot.sum(1).clamp_min(1).unsqueeze(-1)  # [T, way, d]
+    if loop.normalize:
+        return F.normalize(protos, dim=-1), protos.new_zeros(protos.shape[:2])
+    return 2 * protos / loop.temperature, -(protos**2).sum(-1)
+
+
+def start(
+    x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, loop: InnerLoop
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """theta at step 0: `weight` [T, way, d], `bias` [T, way] (the meta-learned init), plus the support
+    set's prototype classifier when `loop.init == "proto"`."""
+    if loop.init == "zero":
+        return weight, bias
+    w, b = prototype_classifier(x, y, weight.shape[1], loop)
+    return weight + w, bias + b
+
+
 def adapt(
     x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, loop: InnerLoop
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the inner loop on the support set.
 
     x: [T, n, d] prepared support features; y: [T, n] int64 labels in 0..way-1;
-    weight: [T, way, d] and bias: [T, way], the starting theta (broadcast the meta-learned init with
-    `expand`). Returns theta' after `loop.steps` steps of plain gradient descent on the mean
-    cross-entropy (plus `weight_decay / 2 * |W|^2`). Differentiable in x, weight and bias when they require grad.
+    weight: [T, way, d] and bias: [T, way], the meta-learned theta (broadcast it with `expand`); the
+    loop starts from `start(...)`. Returns theta' after `loop.steps` steps of plain gradient descent on
+    the mean cross-entropy (plus `weight_decay / 2 * |W|^2`). Differentiable in x, weight and bias when
+    they require grad.
     """
+    weight, bias = start(x, y, weight, bias, loop)
     way = weight.shape[1]
     onehot = F.one_hot(y, way).to(x.dtype)  # [T, n, way]
     scale = loop.temperature / y.shape[1]

@@ -2,26 +2,17 @@
 
 `prepare_backbone` applies a method's adaptation (SS on every conv, SS on the last stage, or
 parameter-level fine-tuning) to a pre-trained backbone; `inner_loop` builds the base learner's
-`InnerLoop` from the config; `save_meta_model` / `load_meta_model` write and rebuild a run's model file.
+`InnerLoop` from the config. Its files are written and read by `model_files`.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 from torch import nn
 
-from metatransfer.config import Config, MetaConfig
-from metatransfer.errors import UserError
-from metatransfer.models.backbones import create_backbone
+from metatransfer.config import MetaConfig
 from metatransfer.models.base_learner import InnerLoop
-from metatransfer.models.scale_shift import convert_to_ss, last_stage_prefix
-from metatransfer.runs import load_weights, save_weights
-from metatransfer.train.common import Preprocess
-
-MODEL_FILE = "model.safetensors"  # a meta-train run's kept model: the best on val (the start included)
+from metatransfer.models.scale_shift import Layers, convert_to_ss, last_stage_prefix
 
 
 class MetaLearner(nn.Module):
@@ -58,9 +49,9 @@ def prepare_backbone(backbone: nn.Module, meta: MetaConfig) -> list[nn.Parameter
     mtl: SS on every conv; ss-last: SS on the last stage; ft-last: the last stage's own weights are
     meta-learned (parameter-level fine-tuning); ft-theta: backbone frozen, only theta is meta-learned.
     """
-    train_bn = meta.bn == "train"
+    train_bn = meta.bn in ("train", "batch")
     if meta.method in ("mtl", "ss-last"):
-        layers = "all" if meta.method == "mtl" else "last"
+        layers: Layers = "all" if meta.method == "mtl" else "last"
         convert_to_ss(backbone, layers=layers, granularity=meta.ss_granularity, train_bn=train_bn)
     else:
         backbone.requires_grad_(False)
@@ -75,32 +66,5 @@ def inner_loop(meta: MetaConfig, test: bool = False) -> InnerLoop:
         lr=meta.inner_lr,
         temperature=meta.temperature,
         normalize=meta.normalize_features,
+        init=meta.classifier_init,
     )
-
-
-def save_meta_model(path: Path, learner: MetaLearner, cfg: Config, pre: Preprocess, **extra: str) -> None:
-    meta = {
-        "backbone": cfg.model.backbone,
-        "backbone_args": json.dumps(cfg.model.backbone_args),
-        "preprocess": pre.to_json(),
-        "meta": json.dumps({k: v for k, v in vars(cfg.meta).items() if k != "ht"}),
-        "dataset": cfg.data.dataset,
-        **extra,
-    }
-    save_weights(path, learner.state_dict(), meta)
-
-
-def load_meta_model(path: Path) -> tuple[MetaLearner, Preprocess, MetaConfig]:
-    """Rebuild a meta-trained learner from `model.safetensors`: (learner in eval mode, preprocessing, meta config)."""
-    tensors, info = load_weights(path)
-    if "meta" not in info:
-        raise UserError(
-            f"{path} is not a meta-trained model (no 'meta' metadata); pass a meta-train run directory"
-        )
-    meta = MetaConfig(**json.loads(info["meta"]))
-    pre = Preprocess.from_json(info["preprocess"])
-    backbone = create_backbone(info["backbone"], pre.channels, **json.loads(info["backbone_args"]))
-    prepare_backbone(backbone, meta)
-    learner = MetaLearner(backbone, meta.way)
-    learner.load_state_dict(tensors)
-    return learner.eval(), pre, meta

@@ -10,16 +10,17 @@ them for fast weights in an inner loop.
 from __future__ import annotations
 
 import copy
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from metatransfer.config import Granularity
 from metatransfer.errors import ConfigError
 
 __all__ = [
-    "GRANULARITIES",
-    "LAYER_CHOICES",
+    "Layers",
     "SSConv2d",
     "convert_to_ss",
     "count_trainable",
@@ -29,16 +30,16 @@ __all__ = [
     "ss_parameters",
 ]
 
-# "filter": one scale per output filter, as in the paper; "kernel": one per (output, input) kernel
-# pair, as in the original MTL PyTorch code.
-GRANULARITIES = ("filter", "kernel")
-LAYER_CHOICES = ("all", "last")
+# Granularity "filter": one scale per output filter, as in the paper; "kernel": one per (output, input)
+# kernel pair, as in the original MTL PyTorch code. Layers: "all" convs, or the backbone's "last" stage.
+Layers = Literal["all", "last"]
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
-def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(choices)}")
+def _low_precision(x: Tensor) -> bool:
+    """Whether convolutions of `x` run under bf16/fp16 autocast."""
+    device = x.device.type
+    return torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != torch.float32
 
 
 def _pair(values: tuple[int, ...]) -> tuple[int, int]:
@@ -58,9 +59,8 @@ class SSConv2d(nn.Module):
     weight: Tensor
     bias: Tensor
 
-    def __init__(self, conv: nn.Conv2d, granularity: str = "filter") -> None:
+    def __init__(self, conv: nn.Conv2d, granularity: Granularity = "filter") -> None:
         super().__init__()
-        _check_choice("granularity", granularity, GRANULARITIES)
         if conv.padding_mode != "zeros":
             raise ValueError(f"SSConv2d supports padding_mode='zeros' only, got {conv.padding_mode!r}")
         self.granularity = granularity
@@ -89,25 +89,30 @@ class SSConv2d(nn.Module):
         """``b + Φ_S2``, ``[out]``."""
         return self.bias + self.shift
 
+    def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
     def forward(self, x: Tensor) -> Tensor:
-        if self.granularity == "filter" and self.scale.requires_grad and torch.is_grad_enabled():
+        # Under bf16/fp16 autocast the scale and shift act in fp32 and the output is fp32: a meta-learned
+        # s = 1.003 rounds to 1.0 in bf16, and so does y * 1.003 for any bf16 y, which would hide every
+        # Adam step of Phi until about 0.4% had accumulated.
+        low = _low_precision(x)
+        if self.granularity == "filter" and (low or (self.scale.requires_grad and torch.is_grad_enabled())):
             # conv(x, W * s) == conv(x, W) * s for a per-filter s. With the frozen W outside the graph,
             # backward skips the weight-gradient convolution (about a third of the training FLOPs);
             # the scale's gradient is then a cheap reduction over the conv output.
-            y = F.conv2d(x, self.weight, None, self.stride, self.padding, self.dilation, self.groups)
-            return y * self.scale.view(1, -1, 1, 1).to(y.dtype) + self.effective_bias().view(1, -1, 1, 1).to(
-                y.dtype
-            )
-        # Without a scale gradient, scaling the (small) weight tensor keeps the cost at one conv.
-        return F.conv2d(
-            x,
-            self.effective_weight(),
-            self.effective_bias(),
-            self.stride,
-            self.padding,
-            self.dilation,
-            self.groups,
-        )
+            y = self._conv(x, self.weight)
+            bias = self.effective_bias().view(1, -1, 1, 1)
+            if low:
+                return torch.addcmul(bias, y.float(), self.scale.view(1, -1, 1, 1))
+            return torch.addcmul(bias.to(y.dtype), y, self.scale.view(1, -1, 1, 1).to(y.dtype))
+        if low:
+            # Per-kernel scale: W * s would be rounded to W's low-precision grid, so the change is a
+            # second convolution with W * (s - 1), which keeps its digits, summed in fp32.
+            y = self._conv(x, self.weight, self.effective_bias()).float()
+            return y + self._conv(x, self.weight * (self.scale - 1)).float()
+        # fp32: scaling the (small) weight tensor keeps the cost at one conv.
+        return self._conv(x, self.effective_weight(), self.effective_bias())
 
     def to_conv(self) -> nn.Conv2d:
         """An ordinary ``nn.Conv2d`` (with bias) computing the same function, for inference."""
@@ -166,7 +171,7 @@ def _in_scope(name: str, prefix: str) -> bool:
 
 
 def convert_to_ss(
-    model: nn.Module, *, layers: str = "all", granularity: str = "filter", train_bn: bool = False
+    model: nn.Module, *, layers: Layers = "all", granularity: Granularity = "filter", train_bn: bool = False
 ) -> nn.Module:
     """Turn ``model`` into its SS form, in place, and return it.
 
@@ -177,8 +182,6 @@ def convert_to_ss(
     classifier head inside ``model``) must be unfrozen by the caller afterwards. BatchNorm running
     statistics are buffers: put BN in eval mode to keep them fixed.
     """
-    _check_choice("layers", layers, LAYER_CHOICES)
-    _check_choice("granularity", granularity, GRANULARITIES)
     if any(isinstance(m, SSConv2d) for m in model.modules()):
         raise ValueError("model already contains SSConv2d layers; convert a fresh copy of the backbone")
     if isinstance(model, nn.Conv2d):

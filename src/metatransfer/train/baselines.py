@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,29 +21,35 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metatransfer.config import Config
+from metatransfer.config import Config, Method, check_value, choices
 from metatransfer.data.augment import to_float
+from metatransfer.data.preprocess import Preprocess
 from metatransfer.data.sampler import EpisodeSampler
 from metatransfer.data.store import ImageStore, open_split
 from metatransfer.device import Runtime, resolve_runtime
-from metatransfer.errors import UserError
+from metatransfer.errors import TrainingError, UserError
 from metatransfer.models.base_learner import InnerLoop
-from metatransfer.models.meta_learner import MODEL_FILE, MetaLearner, load_meta_model
+from metatransfer.models.meta_learner import MetaLearner, inner_loop
+from metatransfer.models.model_files import BACKBONE_FILE, MODEL_FILE, load_backbone, load_meta_model
 from metatransfer.progress import track
 from metatransfer.runs import atomic_write_text, is_finished, load_weights, read_json
-from metatransfer.train.common import BACKBONE_FILE, Preprocess, load_backbone
 from metatransfer.train.evaluate import (
     confidence_interval,
     episode_labels,
     evaluate_features,
     extract_features,
+    format_delta,
+    paired_difference,
 )
 from metatransfer.train.meta import meta_train
 from metatransfer.train.meta_test import TestSetting, meta_test
 
-META_METHODS = ("ft-theta", "ft-last", "ss-last", "mtl", "mtl-ht")
-FEATURE_METHODS = ("ncm", "logreg", "update-theta")
-METHODS = ("update-theta", "update-all", *META_METHODS, "ncm", "logreg")
+# Every meta.method, fewest adapted parameters first, then mtl with hard tasks.
+META_METHODS = (*reversed(choices(Method)), "mtl-ht")
+# base-learner: the config's own base learner (classifier_init, inner_steps_test, inner_lr) with theta = 0
+# on the phase-1 features, i.e. what meta-training starts from.
+FEATURE_METHODS = ("ncm", "logreg", "update-theta", "base-learner")
+METHODS = ("update-theta", "update-all", "base-learner", *META_METHODS, "ncm", "logreg")
 # The grid `update-theta` picks its inner loop from, on episodes disjoint from the reported ones.
 THETA_GRID = [(steps, lr) for steps in (20, 50, 100) for lr in (0.1, 0.5, 1.0)]
 
@@ -58,6 +66,9 @@ class Row:
     episodes: int = 0
     error: str = ""
     kept: int = -1  # meta rows: tasks learned when the kept (best on val) model was saved; 0 = the start
+    delta: float = float("nan")  # accuracy - NCM's on the same episodes (paired)
+    delta_ci: float = float("nan")  # half-width of the paired difference's 95% CI
+    accuracies: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0), repr=False)
 
 
 def _loop(cfg: Config, steps: int, lr: float, weight_decay: float = 0.0) -> InnerLoop:
@@ -70,15 +81,113 @@ def logreg_loop(cfg: Config) -> InnerLoop:
     return _loop(cfg, steps=200, lr=0.5, weight_decay=1e-3)
 
 
-def choose_theta_loop(cfg: Config, feats: torch.Tensor, store: ImageStore, shot: int) -> InnerLoop:
-    """Pick (steps, lr) for a fresh linear classifier on 200 episodes of another seed than the report's."""
-    sampler = EpisodeSampler(store, cfg.eval.ways[0], shot, cfg.eval.query, cfg.eval.selection_seed)
+def choose_theta_loop(cfg: Config, val_feats: torch.Tensor, val: ImageStore, shot: int) -> InnerLoop:
+    """Pick (steps, lr) for a fresh linear classifier on 200 val episodes of the selection seed
+    (`eval.selection_seed`): never the evaluation split's classes, never the reported episodes."""
+    sampler = EpisodeSampler(val, cfg.eval.ways[0], shot, cfg.eval.query, cfg.eval.selection_seed)
     scored = []
     for steps, lr in THETA_GRID:
         loop = _loop(cfg, steps, lr)
-        scored.append((float(evaluate_features(feats, sampler, 200, "linear", loop=loop).mean()), steps, lr))
+        scored.append(
+            (float(evaluate_features(val_feats, sampler, 200, "linear", loop=loop).mean()), steps, lr)
+        )
     _, steps, lr = max(scored)
     return _loop(cfg, steps, lr)
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    """One inner-loop setting scored on val selection episodes (accuracy per shot)."""
+
+    steps: int
+    lr: float
+    temperature: float
+    accuracy: dict[int, float]
+
+
+def tune_base_learner(
+    cfg: Config,
+    val_feats: torch.Tensor,
+    val: ImageStore,
+    shots: list[int],
+    grid: list[tuple[int, float, float]],
+    episodes: int,
+) -> list[GridPoint]:
+    """Score the config's base learner (its classifier_init, theta = 0) for every (steps, lr, temperature)
+    of `grid` on `episodes` val episodes of `eval.selection_seed`, per shot: the episodes that may choose."""
+    way, query, seed = cfg.eval.ways[0], cfg.eval.query, cfg.eval.selection_seed
+    samplers = {shot: EpisodeSampler(val, way, shot, query, seed) for shot in shots}
+    points = []
+    for steps, lr, temperature in grid:
+        meta = dataclasses.replace(cfg.meta, inner_steps_test=steps, inner_lr=lr, temperature=temperature)
+        loop = inner_loop(meta, test=True)
+        acc = {
+            shot: float(evaluate_features(val_feats, sampler, episodes, "linear", loop=loop).mean())
+            for shot, sampler in samplers.items()
+        }
+        points.append(GridPoint(steps, lr, temperature, acc))
+    return points
+
+
+def tune_and_report(
+    cfg: Config,
+    pretrained: Path,
+    out: Path,
+    shots: list[int],
+    grid: list[tuple[int, float, float]],
+    episodes: int,
+) -> str:
+    """`mtl tune-base-learner`: choose the base learner's (steps, lr, temperature) on val selection
+    episodes, then report the chosen setting and NCM on the report episodes of eval.split with their paired
+    difference. Writes out/tune.csv (the grid) and out/tune.md (the report); returns the report."""
+    runtime = resolve_runtime(cfg)
+    source = pretrained / BACKBONE_FILE if pretrained.is_dir() else pretrained
+    backbone, pre, _ = load_backbone(source)
+    runtime.model(backbone)
+    data = dataclasses.replace(cfg.data, size=pre.size)
+    val = open_split(data, "val")
+    val_feats = extract_features(backbone, val, runtime, pre.mean, pre.std, progress=True)
+    points = tune_base_learner(cfg, val_feats, val, shots, grid, episodes)
+    lines = ["steps,lr,temperature," + ",".join(f"val_{s}shot" for s in shots)]
+    lines += [
+        f"{p.steps},{p.lr},{p.temperature}," + ",".join(f"{p.accuracy[s]:.6f}" for s in shots) for p in points
+    ]
+    atomic_write_text(out / "tune.csv", "\n".join(lines) + "\n")
+    split = cfg.eval.split
+    if split == "val":
+        store, feats = val, val_feats
+    else:
+        store = open_split(data, split)
+        feats = extract_features(backbone, store, runtime, pre.mean, pre.std, progress=True)
+    report = [
+        f"Base learner ({cfg.meta.classifier_init} init, theta = 0) on the phase-1 features of {source}.",
+        f"Chosen on {episodes} val episodes of seed {cfg.eval.selection_seed} from {len(grid)} settings; "
+        f"reported on {cfg.eval.episodes} {split} episodes of seed {cfg.eval.seed}.",
+        "",
+        "| shot | chosen (steps, lr, temperature) | selection acc (%) | NCM (%) | base learner (%) | "
+        "Δ vs NCM (paired 95% CI) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for shot in shots:
+        # Ties go to the fewest steps: the cheapest setting that scores as well.
+        best = max(points, key=lambda p: (round(p.accuracy[shot], 6), -p.steps))
+        sampler = EpisodeSampler(store, cfg.eval.ways[0], shot, cfg.eval.query, cfg.eval.seed)
+        meta = dataclasses.replace(
+            cfg.meta, inner_steps_test=best.steps, inner_lr=best.lr, temperature=best.temperature
+        )
+        chosen = evaluate_features(
+            feats, sampler, cfg.eval.episodes, "linear", loop=inner_loop(meta, test=True)
+        )
+        ncm = evaluate_features(feats, sampler, cfg.eval.episodes, "ncm")
+        (a, a_ci), (n, n_ci) = confidence_interval(chosen), confidence_interval(ncm)
+        report.append(
+            f"| {shot} | {best.steps}, {best.lr:g}, {best.temperature:g} | {100 * best.accuracy[shot]:.2f} | "
+            f"{100 * n:.2f} ± {100 * n_ci:.2f} | {100 * a:.2f} ± {100 * a_ci:.2f} | "
+            f"{format_delta(*paired_difference(chosen, ncm))} |"
+        )
+    text = "\n".join(report)
+    atomic_write_text(out / "tune.md", text + "\n")
+    return text
 
 
 def finetune_all(
@@ -122,10 +231,14 @@ def finetune_all(
     return np.asarray(accs)
 
 
-def method_config(cfg: Config, method: str, shot: int) -> Config:
+def method_config(cfg: Config, method: str, shot: int, extra: Mapping[str, Config] | None = None) -> Config:
+    """The config a meta row trains with: `cfg` with the method (and HT for mtl-ht), or, for a row
+    named in `extra`, that config's whole phase-2 section."""
+    if extra and method in extra:
+        return dataclasses.replace(cfg, meta=dataclasses.replace(extra[method].meta, shot=shot))
     m = cfg.meta
     ht = dataclasses.replace(m.ht, enabled=method == "mtl-ht")
-    name = "mtl" if method == "mtl-ht" else method
+    name = check_value("mtl" if method == "mtl-ht" else method, Method, "meta.method")
     return dataclasses.replace(cfg, meta=dataclasses.replace(m, method=name, shot=shot, ht=ht))
 
 
@@ -139,19 +252,45 @@ def ablate(
     *,
     update_all_episodes: int = 100,
     overwrite: bool = False,
+    keep_going: bool = False,
+    extra: Mapping[str, Config] | None = None,
 ) -> list[Row]:
-    """Run the ablation; writes out/ablation.md and out/ablation.csv and returns the rows."""
+    """Run the ablation; writes out/ablation.md, out/ablation.csv and out/ablation-episodes.csv (every
+    row's per-episode accuracies) and returns the rows. `extra` adds meta-learned rows, one per name,
+    each trained with that config's phase-2 section (e.g. the original code's settings).
+
+    A row that fails stops the ablation with a TrainingError (the tables keep the rows so far), unless
+    `keep_going`: then it is marked failed in the tables and the next row runs.
+    """
+    extra = dict(extra or {})
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise UserError(f"unknown ablation method '{unknown[0]}'; choose from {', '.join(METHODS)}")
+    clash = sorted(set(extra) & set(METHODS))
+    if clash:
+        raise UserError(f"extra row name '{clash[0]}' is a built-in method; name it differently")
+    methods = [*methods, *extra]
     runtime = resolve_runtime(cfg)
     source = pretrained / BACKBONE_FILE if pretrained.is_dir() else pretrained
     backbone, pre, _ = load_backbone(source)
     runtime.model(backbone)
     split = cfg.eval.split
     way = cfg.eval.ways[0]
-    store = open_split(dataclasses.replace(cfg.data, size=pre.size), split)
+    data = dataclasses.replace(cfg.data, size=pre.size)
+    store = open_split(data, split)
     feats = extract_features(backbone, store, runtime, pre.mean, pre.std, progress=True)
+    if split == "val":
+        val, val_feats = store, feats
+    else:  # update-theta's grid is chosen on val, whatever split is reported
+        val = open_split(data, "val")
+        val_feats = extract_features(backbone, val, runtime, pre.mean, pre.std, progress=True)
+    # NCM on the same episodes is every row's paired reference.
+    ncm = {
+        shot: evaluate_features(
+            feats, EpisodeSampler(store, way, shot, cfg.eval.query, cfg.eval.seed), episodes, "ncm"
+        )
+        for shot in shots
+    }
     rows: list[Row] = []
     for method in methods:
         for shot in shots:
@@ -164,7 +303,9 @@ def ablate(
                     if method == "logreg":
                         loop = logreg_loop(cfg)
                     elif method == "update-theta":
-                        loop = choose_theta_loop(cfg, feats, store, shot)
+                        loop = choose_theta_loop(cfg, val_feats, val, shot)
+                    elif method == "base-learner":
+                        loop = inner_loop(cfg.meta, test=True)
                     kind = "ncm" if method == "ncm" else "linear"
                     accs = evaluate_features(feats, sampler, episodes, kind, loop=loop)
                     row.trainable = 0 if method == "ncm" else way * (feats.shape[1] + 1)
@@ -180,8 +321,8 @@ def ablate(
                     )
                     row.trainable = sum(p.numel() for p in backbone.parameters()) + way * (feats.shape[1] + 1)
                 else:
-                    mcfg = method_config(cfg, method, shot)
-                    run_dir = out / f"{method}-{shot}shot"
+                    mcfg = method_config(cfg, method, shot, extra)
+                    run_dir = out / f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', method).strip('-')}-{shot}shot"
                     if overwrite or not is_finished(run_dir, mcfg):
                         meta_train(mcfg, source, run_dir, overwrite=overwrite)
                     setting = TestSetting(split, way, shot, cfg.eval.query, episodes, cfg.eval.seed)
@@ -195,6 +336,8 @@ def ablate(
                     accs = result.accuracies
                 row.accuracy, row.ci95 = confidence_interval(accs)
                 row.episodes = len(accs)
+                row.accuracies = np.asarray(accs)
+                row.delta, row.delta_ci = paired_difference(accs, ncm[shot][: len(accs)])
             except (UserError, RuntimeError, ValueError) as exc:
                 row.error = str(exc).splitlines()[0][:200]
             if method not in META_METHODS:
@@ -202,6 +345,10 @@ def ablate(
             rows.append(row)
             print(_describe(row))
             write_tables(out, rows, shots)
+            if row.error and not keep_going:
+                raise TrainingError(
+                    f"ablation row {method} {shot}-shot failed: {row.error}; pass --keep-going to go on past failed rows"
+                )
     return rows
 
 
@@ -212,22 +359,31 @@ def _trainable(learner: MetaLearner) -> int:
 def _describe(row: Row) -> str:
     if row.error:
         return f"{row.method} {row.shot}-shot: failed: {row.error}"
-    return f"{row.method} {row.shot}-shot: {100 * row.accuracy:.2f} ± {100 * row.ci95:.2f}% ({row.episodes} episodes)"
+    return (
+        f"{row.method} {row.shot}-shot: {100 * row.accuracy:.2f} ± {100 * row.ci95:.2f}% ({row.episodes} episodes), "
+        f"vs NCM {format_delta(row.delta, row.delta_ci)} (paired)"
+    )
 
 
 def write_tables(out: Path, rows: list[Row], shots: list[int]) -> None:
-    """ablation.csv (one row per method and shot) and ablation.md (one row per method) from the same rows."""
-    fields = [f.name for f in dataclasses.fields(Row)]
+    """ablation.csv (one row per method and shot), ablation-episodes.csv (method, shot, episode,
+    accuracy: every row's per-episode accuracies, for paired comparisons) and ablation.md (one row per
+    method, with each shot's paired difference to NCM on the same episodes)."""
+    fields = [f.name for f in dataclasses.fields(Row) if f.name != "accuracies"]
     csv_lines = [",".join(fields)] + [
         ",".join(str(getattr(r, f)).replace(",", ";") for f in fields) for r in rows
     ]
     atomic_write_text(out / "ablation.csv", "\n".join(csv_lines) + "\n")
+    episode_lines = ["method,shot,episode,accuracy"] + [
+        f"{r.method},{r.shot},{i},{a:.6f}" for r in rows for i, a in enumerate(r.accuracies)
+    ]
+    atomic_write_text(out / "ablation-episodes.csv", "\n".join(episode_lines) + "\n")
     head = (
         "| method | trainable parameters | meta-training tasks | training time (s) | "
-        + " | ".join(f"{s}-shot accuracy (%)" for s in shots)
+        + " | ".join(f"{s}-shot accuracy (%) | {s}-shot Δ vs NCM (paired 95% CI)" for s in shots)
         + " |"
     )
-    lines = [head, "|" + "---|" * (4 + len(shots))]
+    lines = [head, "|" + "---|" * (4 + 2 * len(shots))]
     for method in dict.fromkeys(r.method for r in rows):
         mine = {r.shot: r for r in rows if r.method == method}
         first = next(iter(mine.values()))
@@ -235,15 +391,16 @@ def write_tables(out: Path, rows: list[Row], shots: list[int]) -> None:
         for s in shots:
             r = mine.get(s)
             if r is None:
-                cells.append("")
+                cells += ["", ""]
             elif r.error:
-                cells.append(f"failed: {r.error}")
+                cells += [f"failed: {r.error}", ""]
             else:
                 cells.append(
                     f"{100 * r.accuracy:.2f} ± {100 * r.ci95:.2f}"
                     + (f" ({r.episodes} ep.)" if r.episodes != rows[0].episodes else "")
                     + (f" [kept at task {r.kept}]" if r.kept >= 0 else "")
                 )
+                cells.append(format_delta(r.delta, r.delta_ci))
         seconds = sum(r.seconds for r in mine.values())
         lines.append(
             f"| {method} | {first.trainable:,} | {sum(r.tasks for r in mine.values())} | {seconds:.0f} | "

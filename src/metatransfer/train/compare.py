@@ -1,8 +1,12 @@
-"""`mtl compare-ht`: the same meta-training with and without hard-task meta-batches (paper, Figure 4).
+"""Paired comparisons of meta-trained models on identical episodes.
 
+`mtl compare-ht`: the same meta-training with and without hard-task meta-batches (paper, Figure 4).
 Both runs start from the same phase-1 weights and seed and end at the same total number of tasks
 (ordinary + hard), so the HT run sees fewer ordinary tasks. The validation curve of each is plotted
 against the number of tasks learned, and both final models are meta-tested on identical episodes.
+
+`mtl compare RUN_A RUN_B`: two finished meta-train runs meta-tested on the same episodes, and the
+per-episode difference with its 95% CI.
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ import dataclasses
 from pathlib import Path
 
 from metatransfer.config import Config
+from metatransfer.errors import UserError
 from metatransfer.runs import atomic_write_bytes, atomic_write_text, is_finished
+from metatransfer.train.evaluate import format_delta, paired_difference
 from metatransfer.train.meta import meta_train
 from metatransfer.train.meta_test import TestResult, TestSetting, meta_test
 
@@ -72,14 +78,36 @@ def compare_ht(
     for v in VARIANTS:
         total = curves[v][-1][0] if curves[v] else 0
         for r in results[v]:
-            s = r.setting
-            table.append(
-                f"| {v} | {total} | {100 * r.accuracy:.2f} | ± {100 * r.ci95:.2f} | "
-                f"{s.split}, {s.episodes} episodes, {s.way}-way {s.shot}-shot |"
-            )
+            table.append(f"| {v} | {total} | {100 * r.accuracy:.2f} | ± {100 * r.ci95:.2f} | {_setting(r)} |")
+    for with_ht, without in zip(results["ht"], results["no-ht"], strict=True):
+        delta = format_delta(*paired_difference(with_ht.accuracies, without.accuracies))
+        table.append(f"| HT − no HT (paired 95% CI) | | {delta} | | {_setting(with_ht)} |")
     atomic_write_text(out / "comparison.md", "\n".join(table) + "\n")
     print("\n".join(table))
     return results
+
+
+def _setting(r: TestResult) -> str:
+    s = r.setting
+    return (
+        f"{s.split}, {s.episodes} episodes of seed {s.seed}, {s.way}-way {s.shot}-shot; "
+        f"checkpoints chosen on seed {r.selection_seed}"
+    )
+
+
+def compare_runs(
+    run_a: Path, cfg_a: Config, run_b: Path, cfg_b: Config, setting: TestSetting
+) -> tuple[TestResult, TestResult, float, float]:
+    """Meta-test two runs on the same episodes: (result A, result B, mean of A - B, its paired 95% CI)."""
+    where = [(c.data.dataset, c.data.scheme, c.data.rotations) for c in (cfg_a, cfg_b)]
+    if where[0] != where[1]:
+        raise UserError(
+            f"{run_a} and {run_b} were trained on different data ({where[0][0]} vs {where[1][0]}); "
+            "a paired comparison needs the same episodes"
+        )
+    (a,) = meta_test(run_a, [setting], cfg_a, progress=False)
+    (b,) = meta_test(run_b, [setting], cfg_b, progress=False)
+    return a, b, *paired_difference(a.accuracies, b.accuracies)
 
 
 def plot_curves(curves: dict[str, list[tuple[int, float]]], title: str) -> bytes:

@@ -14,15 +14,17 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from metatransfer.data.augment import to_float
 from metatransfer.data.sampler import EpisodeSampler
 from metatransfer.data.store import ImageStore
 from metatransfer.device import Runtime, eval_mode
-from metatransfer.models.base_learner import InnerLoop, adapt, logits, prepare
+from metatransfer.models.base_learner import InnerLoop, adapt, logits, prepare, prototype_classifier
 from metatransfer.progress import track
+
+# Nearest class mean (cosine): the base learner's prototype start on normalised features, with no steps.
+NCM = InnerLoop(steps=0, lr=1.0, temperature=1.0, normalize=True, init="proto")
 
 
 @torch.no_grad()
@@ -92,9 +94,8 @@ def classify(
     "linear": the base learner adapted by `loop` from `init` (the meta-learned theta; zeros if None).
     """
     if method == "ncm":
-        protos = torch.zeros(xs.shape[0], way, xs.shape[2], dtype=torch.float32, device=xs.device)
-        protos.scatter_add_(1, ys.unsqueeze(-1).expand(-1, -1, xs.shape[2]), F.normalize(xs.float(), dim=-1))
-        return torch.bmm(F.normalize(xq.float(), dim=-1), F.normalize(protos, dim=-1).transpose(1, 2))
+        w, b = prototype_classifier(prepare(xs, NCM), ys, way, NCM)
+        return logits(prepare(xq, NCM), w, b, NCM)
     if method == "linear":
         if loop is None:
             raise ValueError("method 'linear' needs an InnerLoop")
@@ -149,6 +150,25 @@ def confidence_interval(accuracies: Sequence[float] | np.ndarray) -> tuple[float
     if a.size == 0:
         raise ValueError("no episodes to summarise")
     return float(a.mean()), float(1.96 * a.std() / math.sqrt(a.size))
+
+
+def paired_difference(
+    a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray
+) -> tuple[float, float]:
+    """(mean, half-width of the 95% CI) of a - b for two methods' accuracies on the same episodes [E].
+
+    Episode difficulty is shared by both methods, so the per-episode difference varies far less than
+    either accuracy: this CI, not two overlapping ones, says whether a - b differs from 0.
+    """
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"paired accuracies need the same episodes; got shapes {x.shape} and {y.shape}")
+    return confidence_interval(x - y)
+
+
+def format_delta(mean: float, ci: float) -> str:
+    """`+1.23 ± 0.17` in accuracy points, for a paired difference."""
+    return f"{100 * mean:+.2f} ± {100 * ci:.2f}"
 
 
 def format_accuracy(mean: float, ci: float, episodes: int, way: int, shot: int, split: str) -> str:

@@ -17,11 +17,11 @@ import torch
 from metatransfer import distributed as dist
 from metatransfer.config import Config
 from metatransfer.data.augment import BatchAugment
+from metatransfer.data.preprocess import Preprocess
 from metatransfer.device import Runtime
 from metatransfer.errors import TrainingError
 from metatransfer.monitor import RunLog
 from metatransfer.runs import RunDir, load_state, save_state, write_json
-from metatransfer.train.common import Preprocess
 
 STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.csv"

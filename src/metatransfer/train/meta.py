@@ -27,6 +27,7 @@ from metatransfer import distributed as dist
 from metatransfer import progress
 from metatransfer.config import Config
 from metatransfer.data.augment import to_float
+from metatransfer.data.preprocess import Preprocess
 from metatransfer.data.sampler import Episode, EpisodeSampler
 from metatransfer.data.store import ImageStore, open_split
 from metatransfer.device import Runtime, resolve_runtime
@@ -39,16 +40,10 @@ from metatransfer.models.base_learner import (
     per_class_loss,
     prepare,
 )
-from metatransfer.models.meta_learner import (
-    MODEL_FILE,
-    MetaLearner,
-    inner_loop,
-    prepare_backbone,
-    save_meta_model,
-)
+from metatransfer.models.meta_learner import MetaLearner, inner_loop, prepare_backbone
+from metatransfer.models.model_files import BACKBONE_FILE, MODEL_FILE, load_backbone, save_meta_model
 from metatransfer.models.scale_shift import describe_trainable
 from metatransfer.runs import atomic_write_text
-from metatransfer.train.common import BACKBONE_FILE, Preprocess, load_backbone
 from metatransfer.train.evaluate import (
     confidence_interval,
     episode_labels,
@@ -149,7 +144,9 @@ class MetaTrainer:
             self.update.step()
             return float("nan"), np.zeros((0, self.m.way)), np.zeros((0, self.m.way))
         gen = torch.Generator(device=self.runtime.device).manual_seed(step_seed)
-        self.learner.backbone.eval()  # BN keeps phase-1 statistics; its affine may still be meta-learned
+        # bn "batch" (the original code): BN normalises with each forward's batch statistics. Otherwise BN
+        # keeps phase-1 statistics (its affine may still be meta-learned, bn "train").
+        self.learner.backbone.train(self.m.bn == "batch")
         xs, xq = self._images(batch.support, gen), self._images(batch.query, gen)
         device = self.runtime.device
         ys, yq = (

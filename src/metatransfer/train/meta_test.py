@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,8 @@ from metatransfer.data.sampler import EpisodeSampler
 from metatransfer.data.store import open_split
 from metatransfer.device import resolve_runtime
 from metatransfer.errors import UserError
-from metatransfer.models.meta_learner import MODEL_FILE, inner_loop, load_meta_model
+from metatransfer.models.meta_learner import inner_loop
+from metatransfer.models.model_files import MODEL_FILE, load_meta_model
 from metatransfer.runs import CONFIG_FILE, atomic_write_text, read_json, write_json
 from metatransfer.train.evaluate import (
     confidence_interval,
@@ -55,11 +57,15 @@ class TestResult:
     ci95: float
     seconds: float
     accuracies: np.ndarray  # [episodes] per-episode query accuracy, in episode order
+    selection_seed: int  # the seed of the val episodes that chose the model (its epoch and checkpoint)
 
     @property
     def line(self) -> str:
         s = self.setting
-        return format_accuracy(self.accuracy, self.ci95, s.episodes, s.way, s.shot, s.split)
+        return (
+            format_accuracy(self.accuracy, self.ci95, s.episodes, s.way, s.shot, s.split)
+            + f"; episodes of seed {s.seed}, model chosen on val episodes of seed {self.selection_seed}"
+        )
 
 
 def run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Config:
@@ -113,7 +119,13 @@ def meta_test(
         )
         accs = dist.gather_rows(mine)
         mean, ci = confidence_interval(accs)
-        result = TestResult(s, mean, ci, time.perf_counter() - t0, accs)
+        result = TestResult(s, mean, ci, time.perf_counter() - t0, accs, cfg.eval.selection_seed)
+        if s.split == "val" and s.seed == cfg.eval.selection_seed and ctx.is_main:
+            warnings.warn(
+                f"val episodes of seed {s.seed} chose this model (eval.selection_seed); "
+                "its accuracy on them is optimistic: report another --seed",
+                stacklevel=2,
+            )
         results.append(result)
         if ctx.is_main:
             _save_result(run_dir, result, accs)
@@ -129,6 +141,7 @@ def _save_result(run_dir: Path, result: TestResult, accs: np.ndarray) -> None:
         "accuracy": result.accuracy,
         "ci95": result.ci95,
         "seconds": result.seconds,
+        "selection_seed": result.selection_seed,
     }
     write_json(path, results)
     csv_name = f"episodes-{s.split}-{s.way}way-{s.shot}shot.csv"

@@ -38,7 +38,15 @@ def run_all(cfg: Config, out: Path, *, overwrite: bool = False) -> list[TestResu
         atomic_write_text(out / "summary.md", table + "\n")
         write_json(
             out / "summary.json",
-            [{**dataclasses.asdict(r.setting), "accuracy": r.accuracy, "ci95": r.ci95} for r in results],
+            [
+                {
+                    **dataclasses.asdict(r.setting),
+                    "accuracy": r.accuracy,
+                    "ci95": r.ci95,
+                    "selection_seed": r.selection_seed,
+                }
+                for r in results
+            ],
         )
         print(f"report: {write_report(out)}")
     return results
@@ -53,6 +61,11 @@ def summary_table(results: list[TestResult], seconds: float) -> str:
         s = r.setting
         lines.append(
             f"| {s.split} | {s.way} | {s.shot} | {s.episodes} | {100 * r.accuracy:.2f} | ± {100 * r.ci95:.2f} |"
+        )
+    if results:
+        lines.append(
+            f"\nreported episodes: seed {results[0].setting.seed}; epoch and checkpoint chosen on val "
+            f"episodes of seed {results[0].selection_seed}"
         )
     lines.append(f"\ntotal time: {seconds / 60:.1f} min")
     return "\n".join(lines)

@@ -23,10 +23,11 @@ from metatransfer import distributed as dist
 from metatransfer import progress
 from metatransfer.config import Config
 from metatransfer.data.augment import to_float
+from metatransfer.data.preprocess import Preprocess, preprocess_for
 from metatransfer.data.sampler import EpisodeSampler
 from metatransfer.data.store import ImageStore, open_split
 from metatransfer.device import Runtime, resolve_runtime
-from metatransfer.train.common import BACKBONE_FILE, Preprocess, build_backbone, preprocess_for, save_backbone
+from metatransfer.models.model_files import BACKBONE_FILE, build_backbone, save_backbone
 from metatransfer.train.evaluate import confidence_interval, evaluate_features, extract_features
 from metatransfer.train.loop import (
     ScaledOptimizer,

@@ -6,9 +6,12 @@ store (``metatransfer.data.store``) decodes them once and caches the pixels.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import threading
+import warnings
 import zipfile
 import zlib
 from abc import ABC, abstractmethod
@@ -20,9 +23,10 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
+from metatransfer.config import Split, choices
 from metatransfer.errors import ConfigError, DataError
 
-SPLIT_NAMES = ("train", "val", "test")
+SPLIT_NAMES = choices(Split)
 # Extensions of the generic image-folder layout (compared lower-case, so ".JPG" counts too).
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 
@@ -73,8 +77,7 @@ class FileSource(ImageSource):
         return self.path
 
     def load(self) -> bytes:
-        with open(self.path, "rb") as f:
-            return f.read()
+        return read_regular_file(self.path)
 
     def stat_fingerprint(self) -> str:
         return stat_token(self.path)
@@ -273,14 +276,53 @@ def list_dir(path: Path, *, what: str) -> list[os.DirEntry[str]]:
     return sorted(entries, key=lambda e: e.name)
 
 
+def entry_kind(entry: os.DirEntry[str]) -> str:
+    """ "dir", "file", "broken" (a symlink loop or a dangling link: reading it names it as a bad image) or
+    "other" (a FIFO, socket or device: reading it could block forever)."""
+    try:
+        if entry.is_dir():
+            return "dir"
+        if entry.is_file():
+            return "file"
+    except OSError:  # ELOOP from a symlink loop
+        return "broken"
+    return "broken" if entry.is_symlink() else "other"
+
+
 def image_files(folder: Path, extensions: Iterable[str] = IMAGE_EXTENSIONS) -> list[FileSource]:
-    """Image files directly in ``folder`` (extension match is case-insensitive), sorted by name."""
+    """Image files directly in ``folder`` (extension match is case-insensitive), sorted by name.
+
+    Non-regular files (FIFOs, sockets, devices) are skipped with a warning naming them; broken links are
+    kept, so decoding reports them as bad images by path.
+    """
     exts = frozenset(extensions)
-    return [
-        FileSource(e.path)
-        for e in list_dir(folder, what="class")
-        if os.path.splitext(e.name)[1].lower() in exts and not e.is_dir()
-    ]
+    files, skipped = [], []
+    for e in list_dir(folder, what="class"):
+        if os.path.splitext(e.name)[1].lower() not in exts:
+            continue
+        kind = entry_kind(e)
+        if kind == "other":
+            skipped.append(e.path)
+        elif kind != "dir":
+            files.append(FileSource(e.path))
+    if skipped:
+        listed = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        warnings.warn(
+            f"skipping {len(skipped)} non-regular file(s) (FIFO, socket or device): {listed}", stacklevel=2
+        )
+    return files
+
+
+def read_regular_file(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of `path`, which must be a regular file: a FIFO or device raises OSError instead of blocking."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # opening a FIFO with no writer would block otherwise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file (a FIFO, socket or device)", str(path))
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
 
 
 def class_folders_split(
@@ -294,7 +336,7 @@ def class_folders_split(
 
     ``class_filter`` may validate/reorder the found class names (it receives them sorted).
     """
-    class_dirs = {e.name: Path(e.path) for e in list_dir(split_dir, what="split") if e.is_dir()}
+    class_dirs = {e.name: Path(e.path) for e in list_dir(split_dir, what="split") if entry_kind(e) == "dir"}
     classes = sorted(class_dirs)
     if class_filter is not None:
         classes = class_filter(classes)

@@ -13,6 +13,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from metatransfer.config import OmniglotScheme, choices
 from metatransfer.errors import ConfigError, DataError
 
 from .base import (
@@ -30,7 +31,7 @@ from .base import (
 )
 
 GROUPS = ("background", "evaluation")  # the two official archives
-SCHEMES = ("vinyals", "lake")
+SCHEMES = choices(OmniglotScheme)  # for `mtl data check --scheme`, which has no config
 LAKE_SPLITS = {"train": "background", "test": "evaluation"}
 ROTATION_SUFFIXES = tuple(f"rot{90 * k:03d}" for k in range(4))
 
