@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from metatransfer.config import Config, MetaConfig
+from metatransfer.config import Config, MetaConfig, Precision
 from metatransfer.data.augment import to_float
 from metatransfer.data.preprocess import Preprocess
 from metatransfer.data.sampler import Episode
@@ -74,7 +74,7 @@ class Target:
         meta: MetaConfig | None = None,
         *,
         compile: bool = False,
-        precision: str = "auto",
+        precision: Precision = "auto",
         channels_last: bool = True,
     ) -> tuple[Config, Runtime]:
         """The project's config and runtime here (precision "auto": bf16 where the device has it)."""

@@ -11,6 +11,7 @@ import torch
 
 from fixtures import PRETRAIN_CLASSES, QUERY, meta_config, project_learner, random_store
 from gpu_sections import Check, Skip, part
+from metatransfer.config import Precision
 from metatransfer.train.loop import ScaledOptimizer
 from metatransfer.train.meta import MetaTrainer, TaskBatch
 from pretrain_bench import batch_rows, pretrainer
@@ -18,7 +19,7 @@ from pretrain_bench import batch_rows, pretrainer
 # Tolerances of a bf16 or fp16 curve against fp32's, as fractions of the fp32 loss:
 FIRST_TOLERANCE = 0.01  # step 1: the same weights and batch, so only the forward's rounding differs
 LOSS_TOLERANCE = 0.05  # mean loss of the second half of the steps (fp16 may skip a step or two at first)
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16", "fp16")
 
 
 def scaler_state(update: ScaledOptimizer) -> dict[str, Any]:
@@ -28,7 +29,7 @@ def scaler_state(update: ScaledOptimizer) -> dict[str, Any]:
     return state
 
 
-def pretrain_curve(check: Check, precision: str) -> tuple[list[float], dict[str, Any]]:
+def pretrain_curve(check: Check, precision: Precision) -> tuple[list[float], dict[str, Any]]:
     """Losses of ``numerics_steps`` Pretrainer steps in ``precision``, from the same weights, batches and
     augmentation draws as every other precision; plus the loss scaler's state."""
     plan, net = check.plan, check.plan.net
@@ -41,7 +42,7 @@ def pretrain_curve(check: Check, precision: str) -> tuple[list[float], dict[str,
     return losses, scaler_state(trainer.update)
 
 
-def meta_train_curve(check: Check, precision: str) -> tuple[list[float], dict[str, Any]]:
+def meta_train_curve(check: Check, precision: Precision) -> tuple[list[float], dict[str, Any]]:
     """Query losses of ``numerics_steps // 2`` MetaTrainer.learn meta-batches (eager) in ``precision``."""
     case = check.plan.meta_train
     meta = meta_config(case.meta_batch, case.inner_steps)
@@ -79,7 +80,7 @@ def numerics_section(check: Check) -> dict[str, Any]:
     }
     curves: dict[str, list[float]] = {}
 
-    def run(phase: str, precision: str) -> dict[str, Any]:
+    def run(phase: str, precision: Precision) -> dict[str, Any]:
         if precision != "fp32" and f"{phase}_fp32" not in curves:
             raise Skip("needs the fp32 curve")
         curve = pretrain_curve if phase == "pretrain" else meta_train_curve

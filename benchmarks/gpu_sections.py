@@ -17,7 +17,7 @@ import torch
 
 from fixtures import PRETRAIN_CLASSES, Net, Target, random_store
 from meta_bench import MetaTestCase, MetaTrainCase, meta_test, meta_train
-from metatransfer.config import load_config
+from metatransfer.config import Precision, load_config
 from metatransfer.data.readers import with_data_root
 from metatransfer.data.store import ImageStore, open_split
 from pretrain_bench import (
@@ -137,7 +137,7 @@ def data_note(store: ImageStore | None, split: str) -> str:
     )
 
 
-VARIANTS = {  # name -> (precision, channels_last, compile)
+VARIANTS: dict[str, tuple[Precision, bool, bool]] = {  # name -> (precision, channels_last, compile)
     "fp32": ("fp32", False, False),
     "bf16_channels_last": ("bf16", True, False),
     "bf16_channels_last_compile": ("bf16", True, True),

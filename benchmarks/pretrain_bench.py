@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from fixtures import PRETRAIN_CLASSES, Net, Target, random_store
-from metatransfer.config import ModelConfig, PretrainConfig
+from metatransfer.config import ModelConfig, Precision, PretrainConfig
 from metatransfer.data.augment import to_float
 from metatransfer.data.store import ImageStore
 from metatransfer.device import CompiledForward
@@ -40,7 +40,7 @@ def pretrainer(
     target: Target,
     store: ImageStore,
     *,
-    precision: str = "auto",
+    precision: Precision = "auto",
     channels_last: bool = True,
     compile: bool = False,
 ) -> Pretrainer:
