@@ -140,7 +140,7 @@ CORRUPTIONS: dict[str, tuple[str, dict, str]] = {
     "negative inner_steps_test": (
         "export",
         {"meta": _edit_json("meta", lambda d: d.__setitem__("inner_steps_test", -3))},
-        "'meta.inner_steps_test' must be in [1,",
+        "'meta.inner_steps_test' must be in [0,",
     ),
     "format_version abc": (
         "export",
