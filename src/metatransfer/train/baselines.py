@@ -84,15 +84,12 @@ def logreg_loop(cfg: Config) -> InnerLoop:
 def choose_theta_loop(cfg: Config, val_feats: torch.Tensor, val: ImageStore, shot: int) -> InnerLoop:
     """Pick (steps, lr) for a fresh linear classifier on 200 val episodes of the selection seed
     (`eval.selection_seed`): never the evaluation split's classes, never the reported episodes."""
-    sampler = EpisodeSampler(val, cfg.eval.ways[0], shot, cfg.eval.query, cfg.eval.selection_seed)
-    scored = []
-    for steps, lr in THETA_GRID:
-        loop = _loop(cfg, steps, lr)
-        scored.append(
-            (float(evaluate_features(val_feats, sampler, 200, "linear", loop=loop).mean()), steps, lr)
-        )
-    _, steps, lr = max(scored)
-    return _loop(cfg, steps, lr)
+    zero = dataclasses.replace(cfg, meta=dataclasses.replace(cfg.meta, classifier_init="zero"))
+    grid = [(steps, lr, cfg.meta.temperature) for steps, lr in THETA_GRID]
+    points = tune_base_learner(zero, val_feats, val, [shot], grid, 200)
+    # Ties go to more steps, then the larger lr.
+    best = max(points, key=lambda p: (p.accuracy[shot], p.steps, p.lr))
+    return _loop(cfg, best.steps, best.lr)
 
 
 @dataclass(frozen=True)
@@ -129,6 +126,38 @@ def tune_base_learner(
     return points
 
 
+@dataclass(frozen=True)
+class PhaseOneFeatures:
+    """A phase-1 backbone (eval mode, on the config's device) and its features [N, d] of the evaluation
+    split (`store`, `feats`) and of val (`val`, `val_feats`: the same objects when eval.split is val)."""
+
+    source: Path
+    backbone: nn.Module
+    pre: Preprocess
+    runtime: Runtime
+    store: ImageStore
+    feats: torch.Tensor
+    val: ImageStore
+    val_feats: torch.Tensor
+
+
+def phase_one_features(cfg: Config, pretrained: Path) -> PhaseOneFeatures:
+    """Load the backbone of a phase-1 run (or file) and compute the features the rows adapt on; val's are
+    needed whatever split is reported, since choices are made on val."""
+    runtime = resolve_runtime(cfg)
+    source = pretrained / BACKBONE_FILE if pretrained.is_dir() else pretrained
+    backbone, pre, _ = load_backbone(source)
+    runtime.model(backbone)
+    data = dataclasses.replace(cfg.data, size=pre.size)
+    store = open_split(data, cfg.eval.split)
+    feats = extract_features(backbone, store, runtime, pre.mean, pre.std, progress=True)
+    if cfg.eval.split == "val":
+        return PhaseOneFeatures(source, backbone, pre, runtime, store, feats, store, feats)
+    val = open_split(data, "val")
+    val_feats = extract_features(backbone, val, runtime, pre.mean, pre.std, progress=True)
+    return PhaseOneFeatures(source, backbone, pre, runtime, store, feats, val, val_feats)
+
+
 def tune_and_report(
     cfg: Config,
     pretrained: Path,
@@ -140,27 +169,16 @@ def tune_and_report(
     """`mtl tune-base-learner`: choose the base learner's (steps, lr, temperature) on val selection
     episodes, then report the chosen setting and NCM on the report episodes of eval.split with their paired
     difference. Writes out/tune.csv (the grid) and out/tune.md (the report); returns the report."""
-    runtime = resolve_runtime(cfg)
-    source = pretrained / BACKBONE_FILE if pretrained.is_dir() else pretrained
-    backbone, pre, _ = load_backbone(source)
-    runtime.model(backbone)
-    data = dataclasses.replace(cfg.data, size=pre.size)
-    val = open_split(data, "val")
-    val_feats = extract_features(backbone, val, runtime, pre.mean, pre.std, progress=True)
-    points = tune_base_learner(cfg, val_feats, val, shots, grid, episodes)
+    f = phase_one_features(cfg, pretrained)
+    points = tune_base_learner(cfg, f.val_feats, f.val, shots, grid, episodes)
     lines = ["steps,lr,temperature," + ",".join(f"val_{s}shot" for s in shots)]
     lines += [
         f"{p.steps},{p.lr},{p.temperature}," + ",".join(f"{p.accuracy[s]:.6f}" for s in shots) for p in points
     ]
     atomic_write_text(out / "tune.csv", "\n".join(lines) + "\n")
-    split = cfg.eval.split
-    if split == "val":
-        store, feats = val, val_feats
-    else:
-        store = open_split(data, split)
-        feats = extract_features(backbone, store, runtime, pre.mean, pre.std, progress=True)
+    split, store, feats = cfg.eval.split, f.store, f.feats
     report = [
-        f"Base learner ({cfg.meta.classifier_init} init, theta = 0) on the phase-1 features of {source}.",
+        f"Base learner ({cfg.meta.classifier_init} init, theta = 0) on the phase-1 features of {f.source}.",
         f"Chosen on {episodes} val episodes of seed {cfg.eval.selection_seed} from {len(grid)} settings; "
         f"reported on {cfg.eval.episodes} {split} episodes of seed {cfg.eval.seed}.",
         "",
@@ -270,20 +288,11 @@ def ablate(
     if clash:
         raise UserError(f"extra row name '{clash[0]}' is a built-in method; name it differently")
     methods = [*methods, *extra]
-    runtime = resolve_runtime(cfg)
-    source = pretrained / BACKBONE_FILE if pretrained.is_dir() else pretrained
-    backbone, pre, _ = load_backbone(source)
-    runtime.model(backbone)
+    f = phase_one_features(cfg, pretrained)
+    backbone, pre, runtime, source = f.backbone, f.pre, f.runtime, f.source
+    store, feats, val, val_feats = f.store, f.feats, f.val, f.val_feats
     split = cfg.eval.split
     way = cfg.eval.ways[0]
-    data = dataclasses.replace(cfg.data, size=pre.size)
-    store = open_split(data, split)
-    feats = extract_features(backbone, store, runtime, pre.mean, pre.std, progress=True)
-    if split == "val":
-        val, val_feats = store, feats
-    else:  # update-theta's grid is chosen on val, whatever split is reported
-        val = open_split(data, "val")
-        val_feats = extract_features(backbone, val, runtime, pre.mean, pre.std, progress=True)
     # NCM on the same episodes is every row's paired reference.
     ncm = {
         shot: evaluate_features(
