@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from metatransfer.train.hard_tasks import failure_classes, hard_task_classes
+from metatransfer.train.hard_tasks import failure_classes, hard_task_classes, pooled_task_classes
 
 
 def table(*rows: list[float]) -> np.ndarray:
@@ -130,3 +130,24 @@ def test_hard_task_properties(batch: tuple[np.ndarray, np.ndarray, np.ndarray, i
     assert set(out[:k]) <= set(distinct_fails)  # failure classes come first
     if len(distinct_fails) <= way:
         assert set(distinct_fails) <= set(out)  # and none is dropped while there is room
+
+
+def test_pooled_task_classes_draw_from_the_failures_at_random() -> None:
+    # Four tasks failing on four distinct classes (10, 21, 32, 43): every 3-way draw stays in that pool,
+    # and different generators give different draws.
+    classes = np.array([[10, 11, 12], [20, 21, 22], [30, 31, 32], [40, 41, 43]])
+    acc = table([0.0, 1.0, 1.0], [1.0, 0.0, 1.0], [1.0, 1.0, 0.0], [1.0, 1.0, 0.2])
+    loss = np.zeros_like(acc)
+    draws = {
+        tuple(pooled_task_classes(acc, loss, classes, 3, np.random.default_rng(s)).tolist())
+        for s in range(20)
+    }
+    assert all(len(set(d)) == 3 and set(d) <= {10, 21, 32, 43} for d in draws)
+    assert len(draws) > 1
+    same = pooled_task_classes(acc, loss, classes, 3, np.random.default_rng(5))
+    assert same.tolist() == pooled_task_classes(acc, loss, classes, 3, np.random.default_rng(5)).tolist()
+
+
+def test_pooled_task_classes_fall_back_to_failures_then_fill_when_the_pool_is_small() -> None:
+    out = pooled_task_classes(ACC, LOSS, CLASSES, 5, np.random.default_rng(0))  # only 2 failure classes
+    assert out.tolist() == hard_task_classes(ACC, LOSS, CLASSES, 5).tolist()

@@ -18,6 +18,7 @@ from metatransfer.device import resolve_runtime
 from metatransfer.models.backbones import create_backbone
 from metatransfer.models.meta_learner import MetaLearner, prepare_backbone
 from metatransfer.models.scale_shift import SSConv2d
+from metatransfer.runs import load_state, save_state
 from metatransfer.train.baselines import finetune_all
 from metatransfer.train.evaluate import format_delta, paired_difference
 from metatransfer.train.meta import MetaTrainer, TaskBatch
@@ -333,3 +334,38 @@ def test_tune_base_learner_chooses_on_selection_episodes_and_reports_vs_ncm(
     )
     assert "of seed 1" in report and "of seed 0" in report
     assert report in capsys.readouterr().out
+
+
+def test_pooled_hard_tasks_follow_every_kth_meta_batch_and_resume_exactly(tmp_path: Path) -> None:
+    """The paper's variant: failure classes of 2 meta-batches pooled, then 2 hard tasks drawn from the pool;
+    a resume from between the two meta-batches (pool half full) continues exactly."""
+    ht = {"ht.enabled": "true", "ht.pool_batches": 2, "ht.tasks_per_batch": 1}
+    trainer = _trainer(**ht)
+    trainer.next_meta_batch()
+    assert (trainer.tasks_done, trainer.hard_done, len(trainer.pool)) == (2, 0, 1)
+    save_state(tmp_path / "state.pt", trainer.state_dict())
+    trainer.next_meta_batch()
+    assert (trainer.tasks_done, trainer.hard_done, len(trainer.pool)) == (4, 2, 0)
+    pooled = {int(c) for c in trainer.failures}
+    assert sum(trainer.failures.values()) == 4  # one failure class per ordinary task of both batches
+    assert pooled <= set(range(6))
+    resumed = _trainer(**ht)
+    resumed.load_state_dict(load_state(tmp_path / "state.pt"))
+    assert len(resumed.pool) == 1
+    resumed.next_meta_batch()
+    assert resumed.hard_done == 2 and resumed.failures == trainer.failures
+    for p, q in zip(trainer.learner.parameters(), resumed.learner.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_pooled_hard_tasks_draw_their_classes_from_the_pool() -> None:
+    trainer = _trainer(**{"ht.enabled": "true", "ht.pool_batches": 2, "ht.tasks_per_batch": 3})
+    batch = TaskBatch.of([trainer.sampler.episode(i) for i in range(4)])  # two meta-batches of 2
+    acc = np.array([[0.0, 1.0, 1.0], [1.0, 0.0, 1.0], [1.0, 1.0, 0.0], [0.5, 1.0, 1.0]])
+    failures = {int(batch.classes[t, int(np.argmin(acc[t]))]) for t in range(4)}
+    assert len(failures) >= 3, "the fixture's episodes must fail on at least `way` distinct classes"
+    hard = trainer.hard_batch(batch, acc, np.zeros_like(acc), hard_done=0)
+    assert len(hard) == 6  # tasks_per_batch per pooled meta-batch
+    assert all(set(c.tolist()) <= failures for c in hard.classes)
+    again = trainer.hard_batch(batch, acc, np.zeros_like(acc), hard_done=0)
+    assert np.array_equal(hard.classes, again.classes)  # a pure function of (seed, hard task index)

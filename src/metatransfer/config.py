@@ -187,6 +187,10 @@ class HTConfig:
     enabled: bool = False
     tasks_per_batch: Annotated[int, Range(1, 10_000)] = 1  # hard tasks built after each meta-batch
     start_after: Annotated[int, Range(0, 1_000_000_000)] = 0  # ordinary tasks seen before hard tasks begin
+    # 1: after each meta-batch, hard tasks of its own failure classes, hardest first. k > 1 (the paper's
+    # algorithm): failure classes pooled over k meta-batches, then tasks_per_batch * k hard tasks, each of
+    # `way` classes drawn at random from the pool (topped up with the next-hardest when it holds fewer).
+    pool_batches: Annotated[int, Range(1, 10_000)] = 1
 
 
 @dataclass

@@ -4,6 +4,9 @@ After the ordinary tasks of a meta-batch are learned, each task's lowest-accurac
 by the higher query loss) is its failure class. A hard task uses the batch's distinct failure
 classes, hardest first; when there are fewer than `way` of them it is filled with the next-hardest
 classes of the same batch, ranked by accuracy then loss. Its images are sampled afresh.
+
+The paper's variant (`meta.ht.pool_batches` > 1) pools the failure classes of several meta-batches and
+draws each hard task's classes at random from that pool.
 """
 
 from __future__ import annotations
@@ -43,6 +46,18 @@ def hard_task_classes(acc: np.ndarray, loss: np.ndarray, classes: np.ndarray, wa
         if len(chosen) == way:
             return np.asarray(chosen, dtype=np.int64)
     raise ValueError(f"the meta-batch holds only {len(chosen)} distinct classes; a hard task needs way={way}")
+
+
+def pooled_task_classes(
+    acc: np.ndarray, loss: np.ndarray, classes: np.ndarray, way: int, rng: np.random.Generator
+) -> np.ndarray:
+    """[way] distinct class ids for a hard task of the paper's pooled variant: drawn at random from the
+    distinct failure classes of the pooled tasks ([T, way] tables of several meta-batches); when the
+    pool holds fewer than `way`, all of them and the next-hardest classes, as `hard_task_classes`."""
+    fails = np.unique(failure_classes(acc, loss, classes))
+    if len(fails) < way:
+        return hard_task_classes(acc, loss, classes, way)
+    return rng.choice(fails, size=way, replace=False).astype(np.int64)
 
 
 def _check(acc: np.ndarray, loss: np.ndarray, classes: np.ndarray) -> None:

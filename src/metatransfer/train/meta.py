@@ -3,8 +3,9 @@
 For each task the base learner starts from theta and takes `inner_steps` gradient steps on the
 support features (inner loop); the query loss after them updates Phi (lr gamma_1) and theta
 (lr gamma_2) with Adam (outer loop). The tasks of a meta-batch go through the backbone as one batch
-and their inner loops run batched. With `meta.ht.enabled`, each meta-batch is followed by hard
-tasks built from its failure classes (see `hard_tasks`).
+and their inner loops run batched. With `meta.ht.enabled`, each meta-batch (or, with
+`meta.ht.pool_batches` k > 1, every k-th) is followed by hard tasks built from the failure classes
+(see `hard_tasks`).
 
 Every random choice of step k (episodes, augmentation) is derived from (seed, k), so a run resumed
 from a checkpoint continues exactly as an uninterrupted one.
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,7 @@ from metatransfer.train.evaluate import (
     evaluate_features,
     extract_features,
 )
-from metatransfer.train.hard_tasks import failure_classes, hard_task_classes
+from metatransfer.train.hard_tasks import failure_classes, hard_task_classes, pooled_task_classes
 from metatransfer.train.loop import ScaledOptimizer, Throughput, TrainingRun, check_finite, make_augment
 
 LAST_FILE = "last.safetensors"  # the end of meta-training
@@ -75,6 +76,42 @@ class TaskBatch:
 
     def __len__(self) -> int:
         return len(self.classes)
+
+
+@dataclass
+class Learned:
+    """A learned meta-batch, whole (every rank's tasks): its tasks and per-class query accuracy and loss
+    [T, way], what hard tasks are built from."""
+
+    batch: TaskBatch
+    acc: np.ndarray
+    loss: np.ndarray
+
+    @classmethod
+    def join(cls, parts: Sequence[Learned]) -> Learned:
+        """The tasks of several meta-batches as one (the paper's pool of failure classes)."""
+
+        def cat(arrays: Iterable[np.ndarray]) -> np.ndarray:
+            return np.concatenate(list(arrays))
+
+        batch = TaskBatch(*(cat(getattr(p.batch, f) for p in parts) for f in ("classes", "support", "query")))
+        return cls(batch, cat(p.acc for p in parts), cat(p.loss for p in parts))
+
+    def state(self) -> dict[str, torch.Tensor]:
+        b = self.batch
+        arrays = {
+            "classes": b.classes,
+            "support": b.support,
+            "query": b.query,
+            "acc": self.acc,
+            "loss": self.loss,
+        }
+        return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+
+    @classmethod
+    def from_state(cls, s: dict[str, torch.Tensor]) -> Learned:
+        n = {k: v.numpy() for k, v in s.items()}
+        return cls(TaskBatch(n["classes"], n["support"], n["query"]), n["acc"], n["loss"])
 
 
 class MetaTrainer:
@@ -108,6 +145,7 @@ class MetaTrainer:
         # and the small no-grad support forward would cost a compile of its own.
         self._query_forward = runtime.compiled(learner.backbone)
         self.failures: Counter[int] = Counter()
+        self.pool: list[Learned] = []  # meta-batches learned since the last hard tasks (ht.pool_batches)
         self.tasks_done = self.hard_done = 0
         self.losses: list[float] = []  # query loss and accuracy of each meta-batch since the last row
         self.accs: list[float] = []
@@ -191,7 +229,11 @@ class MetaTrainer:
         self.tasks_done += m.meta_batch
         if m.ht.enabled and self.tasks_done > m.ht.start_after:
             whole = TaskBatch(*(dist.gather_rows(a) for a in (batch.classes, batch.support, batch.query)))
-            hard = self.hard_batch(whole, dist.gather_rows(acc), dist.gather_rows(cls_loss), self.hard_done)
+            self.pool.append(Learned(whole, dist.gather_rows(acc), dist.gather_rows(cls_loss)))
+        if len(self.pool) == m.ht.pool_batches:
+            pooled = Learned.join(self.pool)
+            self.pool.clear()
+            hard = self.hard_batch(pooled.batch, pooled.acc, pooled.loss, self.hard_done)
             share = TaskBatch(*(dist.rank_share(a) for a in (hard.classes, hard.support, hard.query)))
             where = f"hard task {self.hard_done + 1}"
             self.learn(share, step_seed=step_seed + 1, total=len(hard), where=where)
@@ -208,6 +250,7 @@ class MetaTrainer:
             "tasks": self.tasks_done,
             "hard": self.hard_done,
             "failures": {str(k): v for k, v in self.failures.items()},
+            "ht_pool": [p.state() for p in self.pool],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -215,6 +258,7 @@ class MetaTrainer:
         self.update.load_state_dict(state)
         self.tasks_done, self.hard_done = int(state["tasks"]), int(state["hard"])
         self.failures = Counter({int(k): int(v) for k, v in state["failures"].items()})
+        self.pool = [Learned.from_state(p) for p in state.get("ht_pool", [])]
 
     def describe(self) -> str:
         m = self.m
@@ -257,10 +301,25 @@ class MetaTrainer:
             group["lr"] = base * factor
 
     def hard_batch(self, batch: TaskBatch, acc: np.ndarray, loss: np.ndarray, hard_done: int) -> TaskBatch:
-        """Hard tasks from a learned meta-batch's failure classes, with fresh images (the whole meta-batch:
-        under torchrun every rank passes the gathered tables and builds the same hard tasks)."""
+        """Hard tasks from learned tasks' failure classes, with fresh images: `ht.tasks_per_batch` per
+        meta-batch in `batch` (the whole meta-batch, or the pool of `ht.pool_batches` of them: under
+        torchrun every rank passes the gathered tables and builds the same hard tasks)."""
+        ht, way = self.m.ht, self.m.way
         self.failures.update(int(c) for c in failure_classes(acc, loss, batch.classes))
-        classes = hard_task_classes(acc, loss, batch.classes, self.m.way)
+        count = ht.tasks_per_batch * ht.pool_batches
+        if ht.pool_batches == 1:
+            chosen = [hard_task_classes(acc, loss, batch.classes, way)] * count
+        else:  # the paper's pool: each hard task's classes drawn at random, a pure function of (seed, k)
+            chosen = [
+                pooled_task_classes(
+                    acc,
+                    loss,
+                    batch.classes,
+                    way,
+                    np.random.default_rng([self.cfg.seed, HARD_SALT, hard_done + k]),
+                )
+                for k in range(count)
+            ]
         seen: dict[int, set[int]] = {}
         for task_classes, query in zip(
             batch.classes, batch.query.reshape(len(batch), self.m.way, -1), strict=True
@@ -269,7 +328,7 @@ class MetaTrainer:
                 seen.setdefault(int(c), set()).update(int(i) for i in q)
         episodes = [
             self.sampler.episode_for_classes(hard_done + k, classes, salt=HARD_SALT, exclude=seen)
-            for k in range(self.m.ht.tasks_per_batch)
+            for k, classes in enumerate(chosen)
         ]
         return TaskBatch.of(episodes)
 
