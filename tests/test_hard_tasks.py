@@ -138,16 +138,16 @@ def test_pooled_task_classes_draw_from_the_failures_at_random() -> None:
     classes = np.array([[10, 11, 12], [20, 21, 22], [30, 31, 32], [40, 41, 43]])
     acc = table([0.0, 1.0, 1.0], [1.0, 0.0, 1.0], [1.0, 1.0, 0.0], [1.0, 1.0, 0.2])
     loss = np.zeros_like(acc)
-    draws = {
-        tuple(pooled_task_classes(acc, loss, classes, 3, np.random.default_rng(s)).tolist())
-        for s in range(20)
-    }
+    rngs = [np.random.default_rng(s) for s in range(20)]
+    draws = {tuple(d.tolist()) for d in pooled_task_classes(acc, loss, classes, 3, rngs)}
     assert all(len(set(d)) == 3 and set(d) <= {10, 21, 32, 43} for d in draws)
     assert len(draws) > 1
-    same = pooled_task_classes(acc, loss, classes, 3, np.random.default_rng(5))
-    assert same.tolist() == pooled_task_classes(acc, loss, classes, 3, np.random.default_rng(5)).tolist()
+    (same,) = pooled_task_classes(acc, loss, classes, 3, [np.random.default_rng(5)])
+    (again,) = pooled_task_classes(acc, loss, classes, 3, [np.random.default_rng(5)])
+    assert same.tolist() == again.tolist()
 
 
 def test_pooled_task_classes_fall_back_to_failures_then_fill_when_the_pool_is_small() -> None:
-    out = pooled_task_classes(ACC, LOSS, CLASSES, 5, np.random.default_rng(0))  # only 2 failure classes
-    assert out.tolist() == hard_task_classes(ACC, LOSS, CLASSES, 5).tolist()
+    rngs = [np.random.default_rng(0), np.random.default_rng(1)]
+    out = pooled_task_classes(ACC, LOSS, CLASSES, 5, rngs)  # only 2 failure classes
+    assert [o.tolist() for o in out] == [hard_task_classes(ACC, LOSS, CLASSES, 5).tolist()] * 2

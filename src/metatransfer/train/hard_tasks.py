@@ -11,6 +11,8 @@ draws each hard task's classes at random from that pool.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 
@@ -49,15 +51,16 @@ def hard_task_classes(acc: np.ndarray, loss: np.ndarray, classes: np.ndarray, wa
 
 
 def pooled_task_classes(
-    acc: np.ndarray, loss: np.ndarray, classes: np.ndarray, way: int, rng: np.random.Generator
-) -> np.ndarray:
-    """[way] distinct class ids for a hard task of the paper's pooled variant: drawn at random from the
-    distinct failure classes of the pooled tasks ([T, way] tables of several meta-batches); when the
-    pool holds fewer than `way`, all of them and the next-hardest classes, as `hard_task_classes`."""
+    acc: np.ndarray, loss: np.ndarray, classes: np.ndarray, way: int, rngs: Sequence[np.random.Generator]
+) -> list[np.ndarray]:
+    """[way] distinct class ids for each hard task of the paper's pooled variant, one per generator:
+    drawn at random from the distinct failure classes of the pooled tasks ([T, way] tables of several
+    meta-batches); when the pool holds fewer than `way`, every task gets all of them and the
+    next-hardest classes, as `hard_task_classes`. The pool is ranked once for all the tasks."""
     fails = np.unique(failure_classes(acc, loss, classes))
     if len(fails) < way:
-        return hard_task_classes(acc, loss, classes, way)
-    return rng.choice(fails, size=way, replace=False).astype(np.int64)
+        return [hard_task_classes(acc, loss, classes, way)] * len(rngs)
+    return [rng.choice(fails, size=way, replace=False).astype(np.int64) for rng in rngs]
 
 
 def _check(acc: np.ndarray, loss: np.ndarray, classes: np.ndarray) -> None:

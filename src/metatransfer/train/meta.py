@@ -230,14 +230,14 @@ class MetaTrainer:
         if m.ht.enabled and self.tasks_done > m.ht.start_after:
             whole = TaskBatch(*(dist.gather_rows(a) for a in (batch.classes, batch.support, batch.query)))
             self.pool.append(Learned(whole, dist.gather_rows(acc), dist.gather_rows(cls_loss)))
-        if len(self.pool) == m.ht.pool_batches:
-            pooled = Learned.join(self.pool)
-            self.pool.clear()
-            hard = self.hard_batch(pooled.batch, pooled.acc, pooled.loss, self.hard_done)
-            share = TaskBatch(*(dist.rank_share(a) for a in (hard.classes, hard.support, hard.query)))
-            where = f"hard task {self.hard_done + 1}"
-            self.learn(share, step_seed=step_seed + 1, total=len(hard), where=where)
-            self.hard_done += len(hard)
+            if len(self.pool) == m.ht.pool_batches:
+                pooled = Learned.join(self.pool)
+                self.pool.clear()
+                hard = self.hard_batch(pooled.batch, pooled.acc, pooled.loss, self.hard_done)
+                share = TaskBatch(*(dist.rank_share(a) for a in (hard.classes, hard.support, hard.query)))
+                where = f"hard task {self.hard_done + 1}"
+                self.learn(share, step_seed=step_seed + 1, total=len(hard), where=where)
+                self.hard_done += len(hard)
         self.losses.append(loss)
         self.accs.append(float(acc.mean()))
         return self.losses[-1], self.accs[-1]
@@ -310,16 +310,8 @@ class MetaTrainer:
         if ht.pool_batches == 1:
             chosen = [hard_task_classes(acc, loss, batch.classes, way)] * count
         else:  # the paper's pool: each hard task's classes drawn at random, a pure function of (seed, k)
-            chosen = [
-                pooled_task_classes(
-                    acc,
-                    loss,
-                    batch.classes,
-                    way,
-                    np.random.default_rng([self.cfg.seed, HARD_SALT, hard_done + k]),
-                )
-                for k in range(count)
-            ]
+            rngs = [np.random.default_rng([self.cfg.seed, HARD_SALT, hard_done + k]) for k in range(count)]
+            chosen = pooled_task_classes(acc, loss, batch.classes, way, rngs)
         seen: dict[int, set[int]] = {}
         for task_classes, query in zip(
             batch.classes, batch.query.reshape(len(batch), self.m.way, -1), strict=True
