@@ -8,6 +8,7 @@ all-reduces the gradients, meta-test splits episodes. Only rank 0 writes files a
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from dataclasses import dataclass
@@ -53,8 +54,16 @@ def context() -> DistContext:
             # A rank that dies makes the others fail at their next collective within this timeout.
             timeout = datetime.timedelta(seconds=float(os.environ.get("MTL_DIST_TIMEOUT", "1800")))
             torch_dist.init_process_group(backend=backend, timeout=timeout)
+            # Left to interpreter teardown, the backend's threads can be destroyed while still joinable,
+            # and the rank aborts ("terminate called without an active exception") after its work is done.
+            atexit.register(_close_process_group)
         _CONTEXT = DistContext(rank, world, local)
     return _CONTEXT
+
+
+def _close_process_group() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
 
 
 def barrier() -> None:
