@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import json
+import math
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -50,6 +52,32 @@ def test_run_writes_every_phase(tiny_run: tuple[Path, Path]) -> None:
     assert entry["accuracy"] > 0.6
     summary = json.loads((out / "summary.json").read_text())
     assert summary[0]["accuracy"] == pytest.approx(entry["accuracy"])
+
+
+def test_summary_sets_each_result_beside_ncm_paired(tiny_run: tuple[Path, Path]) -> None:
+    # The summary's reference must be NCM on the very episodes meta-test scored: recompute it with
+    # `mtl ablate --methods ncm` on the same backbone and pair it by hand.
+    out, config = tiny_run
+    abl = out.parent / "ablate-ncm"
+    log = io.StringIO()
+    with redirect_stdout(log), redirect_stderr(log):
+        code = main(
+            ["ablate", "--config", str(config), "--pretrained", str(out / "pretrain"), "--out", str(abl)]
+            + ["--methods", "ncm", "--shots", "1"]
+        )
+    assert code == 0, log.getvalue()[-2000:]
+    with (abl / "ablation-episodes.csv").open() as f:
+        ncm = np.array([float(r["accuracy"]) for r in csv.DictReader(f)])
+    meta = np.loadtxt(out / "meta-1shot" / "episodes-test-3way-1shot.csv", delimiter=",", skiprows=1)[:, 1]
+    assert len(ncm) == len(meta) == 30
+    d = meta - ncm
+    mean, half = d.mean(), 1.96 * math.sqrt(((d - d.mean()) ** 2).sum() / len(d)) / math.sqrt(len(d))
+    (entry,) = json.loads((out / "summary.json").read_text())
+    assert entry["ncm_accuracy"] == pytest.approx(ncm.mean(), abs=1e-6)
+    assert entry["delta_vs_ncm"] == pytest.approx(mean, abs=1e-6)
+    assert entry["delta_vs_ncm_ci95"] == pytest.approx(half, abs=1e-6)
+    row = (out / "summary.md").read_text().splitlines()[2]
+    assert row.endswith(f"| {100 * ncm.mean():.2f} | {100 * mean:+.2f} ± {100 * half:.2f} |"), row
 
 
 def test_log_is_plain_lines(tiny_run: tuple[Path, Path]) -> None:
