@@ -14,6 +14,7 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metatransfer.config import Config, Method, check_value, choices
+from metatransfer.config import Config, DataConfig, Method, check_value, choices
 from metatransfer.data.augment import to_float
 from metatransfer.data.preprocess import Preprocess
 from metatransfer.data.sampler import EpisodeSampler
@@ -126,24 +127,37 @@ def tune_base_learner(
     return points
 
 
-@dataclass(frozen=True)
+@dataclass
 class PhaseOneFeatures:
     """A phase-1 backbone (eval mode, on the config's device) and its features [N, d] of the evaluation
-    split (`store`, `feats`) and of val (`val`, `val_feats`: the same objects when eval.split is val)."""
+    split (`store`, `feats`) and of val (`val`, `val_feats`: the same objects when eval.split is val).
+    Val's are computed on first use: only the rows that choose something need them."""
 
     source: Path
     backbone: nn.Module
     pre: Preprocess
     runtime: Runtime
+    data: DataConfig
+    split: str
     store: ImageStore
     feats: torch.Tensor
-    val: ImageStore
-    val_feats: torch.Tensor
+
+    @cached_property
+    def val(self) -> ImageStore:
+        return self.store if self.split == "val" else open_split(self.data, "val")
+
+    @cached_property
+    def val_feats(self) -> torch.Tensor:
+        if self.split == "val":
+            return self.feats
+        return extract_features(
+            self.backbone, self.val, self.runtime, self.pre.mean, self.pre.std, progress=True
+        )
 
 
 def phase_one_features(cfg: Config, pretrained: Path) -> PhaseOneFeatures:
-    """Load the backbone of a phase-1 run (or file) and compute the features the rows adapt on; val's are
-    needed whatever split is reported, since choices are made on val."""
+    """Load the backbone of a phase-1 run (or file) and compute the features of the evaluation split the
+    rows adapt on; val's follow when asked for, since choices are made on val whatever split is reported."""
     runtime = resolve_runtime(cfg)
     source = pretrained / BACKBONE_FILE if pretrained.is_dir() else pretrained
     backbone, pre, _ = load_backbone(source)
@@ -151,11 +165,7 @@ def phase_one_features(cfg: Config, pretrained: Path) -> PhaseOneFeatures:
     data = dataclasses.replace(cfg.data, size=pre.size)
     store = open_split(data, cfg.eval.split)
     feats = extract_features(backbone, store, runtime, pre.mean, pre.std, progress=True)
-    if cfg.eval.split == "val":
-        return PhaseOneFeatures(source, backbone, pre, runtime, store, feats, store, feats)
-    val = open_split(data, "val")
-    val_feats = extract_features(backbone, val, runtime, pre.mean, pre.std, progress=True)
-    return PhaseOneFeatures(source, backbone, pre, runtime, store, feats, val, val_feats)
+    return PhaseOneFeatures(source, backbone, pre, runtime, data, cfg.eval.split, store, feats)
 
 
 def tune_and_report(
@@ -290,7 +300,7 @@ def ablate(
     methods = [*methods, *extra]
     f = phase_one_features(cfg, pretrained)
     backbone, pre, runtime, source = f.backbone, f.pre, f.runtime, f.source
-    store, feats, val, val_feats = f.store, f.feats, f.val, f.val_feats
+    store, feats = f.store, f.feats
     split = cfg.eval.split
     way = cfg.eval.ways[0]
     # NCM on the same episodes is every row's paired reference.
@@ -312,7 +322,7 @@ def ablate(
                     if method == "logreg":
                         loop = logreg_loop(cfg)
                     elif method == "update-theta":
-                        loop = choose_theta_loop(cfg, val_feats, val, shot)
+                        loop = choose_theta_loop(cfg, f.val_feats, f.val, shot)
                     elif method == "base-learner":
                         loop = inner_loop(cfg.meta, test=True)
                     kind = "ncm" if method == "ncm" else "linear"
