@@ -18,7 +18,7 @@ from metatransfer.device import resolve_runtime
 from metatransfer.models.backbones import create_backbone
 from metatransfer.models.meta_learner import MetaLearner, prepare_backbone
 from metatransfer.models.scale_shift import SSConv2d
-from metatransfer.runs import load_state, save_state
+from metatransfer.runs import load_state, load_weights, read_json, save_state
 from metatransfer.train.baselines import finetune_all
 from metatransfer.train.evaluate import format_delta, paired_difference
 from metatransfer.train.meta import MetaTrainer, TaskBatch
@@ -152,6 +152,31 @@ def pretrained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     )
     assert main(["pretrain", "--config", str(config), "--out", str(tmp / "pre")]) == 0
     return config, tmp
+
+
+def test_meta_train_says_which_model_it_kept(
+    pretrained: tuple[Path, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The summary, the saved model and the last line agree on the kept checkpoint (val scripted to peak
+    at task 4 of 8); with Phi and theta frozen val cannot beat the start, and the run says it kept the start."""
+    config, tmp = pretrained
+    args = ["meta-train", "--config", str(config), "--pretrained", str(tmp / "pre")]
+    scripted = iter([(0.50, 0.1), (0.70, 0.1), (0.60, 0.1)])  # validations at tasks 0, 4 and 8
+    with monkeypatch.context() as m:
+        m.setattr(MetaTrainer, "validate", lambda *_: next(scripted))
+        capsys.readouterr()
+        assert main([*args, "--out", str(tmp / "kept-peak")]) == 0
+    printed = capsys.readouterr().out
+    assert read_json(tmp / "kept-peak" / "summary.json")["kept_tasks"] == 4
+    assert load_weights(tmp / "kept-peak" / "model.safetensors")[1]["tasks"] == "4"
+    assert "kept the model at task 4 (val 70.00% on selection episodes of seed 1)\n" in printed
+
+    frozen = ["--set", "meta.lr_ss=0", "--set", "meta.lr_theta=0", "--out", str(tmp / "kept-start")]
+    assert main([*args, *frozen]) == 0
+    printed = capsys.readouterr().out
+    assert read_json(tmp / "kept-start" / "summary.json")["kept_tasks"] == 0
+    assert load_weights(tmp / "kept-start" / "model.safetensors")[1]["tasks"] == "0"
+    assert "kept the model at task 0" in printed and "meta-training never beat the start on val" in printed
 
 
 def test_compare_ht_writes_curve_plot_and_table(pretrained: tuple[Path, Path]) -> None:

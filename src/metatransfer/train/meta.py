@@ -355,6 +355,19 @@ class MetaValidator:
     store: ImageStore
     out: Path
     best: float = -1.0
+    kept_tasks: int = 0  # tasks learned when the kept model was saved; 0 = the start
+
+    def kept_note(self) -> str:
+        """The last line of meta-training: which checkpoint was kept, and plainly so when it is the start."""
+        seed = self.trainer.cfg.eval.selection_seed
+        at = f"at task {self.kept_tasks}" if self.kept_tasks >= 0 else "best on val"
+        line = f"kept the model {at} (val {100 * self.best:.2f}% on selection episodes of seed {seed})"
+        if self.kept_tasks == 0:
+            line += (
+                "; meta-training never beat the start on val, so the kept model is"
+                " the phase-1 features with the base learner"
+            )
+        return line
 
     def __post_init__(self) -> None:
         m, seed = self.trainer.m, self.trainer.cfg.eval.selection_seed
@@ -366,7 +379,7 @@ class MetaValidator:
         tr = self.trainer
         val_acc, val_ci = tr.validate(self.store, self.sampler, tr.m.val_episodes)
         if val_acc > self.best:
-            self.best = val_acc
+            self.best, self.kept_tasks = val_acc, tr.tasks_done
             save_meta_model(self.out / MODEL_FILE, tr.learner, tr.cfg, tr.pre, tasks=str(tr.tasks_done))
         return {**row, "val_acc": val_acc, "val_ci": val_ci, "val_s": time.perf_counter() - t0}
 
@@ -392,6 +405,9 @@ def meta_train(
         if run.state is not None:
             trainer.load_state_dict(run.state)
             validate.best = float(run.state["best"])
+            validate.kept_tasks = int(
+                run.state.get("kept_tasks", -1)
+            )  # -1: a checkpoint from before 2026-11-30
         if ctx.is_main:
             progress.note(trainer.describe())
         if run.state is None and ctx.is_main:
@@ -412,15 +428,23 @@ def meta_train(
                     row = trainer.progress_row(speed.rate)
                     if ctx.is_main:
                         row = validate(row)
-                        run.checkpoint(row, {**trainer.state_dict(), "best": validate.best})
+                        run.checkpoint(
+                            row,
+                            {
+                                **trainer.state_dict(),
+                                "best": validate.best,
+                                "kept_tasks": validate.kept_tasks,
+                            },
+                        )
                         progress.note(trainer.progress_line(row))
                         if m.ht.enabled:
                             _write_failures(out / "failure_classes.csv", trainer.failures, train.classes)
                     dist.barrier()
         if ctx.is_main:
             save_meta_model(out / LAST_FILE, learner, cfg, pre, tasks=str(trainer.tasks_done))
+            progress.note(validate.kept_note())
         done = {"tasks": trainer.tasks_done, "hard_tasks": trainer.hard_done, "seconds": speed.elapsed}
-        run.finish({"best_val": validate.best, **done})
+        run.finish({"best_val": validate.best, "kept_tasks": validate.kept_tasks, **done})
     return out / MODEL_FILE
 
 
