@@ -226,6 +226,34 @@ def test_compare_prints_the_paired_difference_of_two_runs(
     assert "episodes of seed 0, model chosen on val episodes of seed 1" in printed[0]
 
 
+def test_compare_sets_every_run_against_the_last_and_overlays_their_curves(
+    pretrained: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A sweep in one command: each run's paired difference from the last one; a run against itself is
+    exactly 0 ± 0, and --curves draws every run's val curve."""
+    config, tmp = pretrained
+    out = tmp / "compare"
+    if not (out / "ht").exists():
+        assert (
+            main(["compare-ht", "--config", str(config), "--pretrained", str(tmp / "pre"), "--out", str(out)])
+            == 0
+        )
+    ht, no_ht = str(out / "ht"), str(out / "no-ht")
+    png = tmp / "sweep.png"
+    capsys.readouterr()
+    setting = ["--split", "test", "--way", "3", "--query", "4", "--episodes", "20", "--curves", str(png)]
+    assert main(["compare", ht, no_ht, ht, *setting]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    arms = [_episode_accuracies(out / v / "episodes-test-3way-1shot.csv")[:20] for v in ("ht", "no-ht")]
+    assert [line[:2] for line in printed[:3]] == ["A ", "B ", "C "]
+    assert printed[3] == "A - C: +0.00 ± 0.00 points (paired 95% CI over the same 20 episodes)"
+    b_minus_c = format_delta(*paired_difference(arms[1], arms[0]))
+    assert printed[4] == f"B - C: {b_minus_c} points (paired 95% CI over the same 20 episodes)"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["compare", ht, *setting]) == 2
+    assert "at least two runs" in capsys.readouterr().err
+
+
 def test_ablate_runs_every_method_on_identical_episodes(pretrained: tuple[Path, Path]) -> None:
     config, tmp = pretrained
     out = tmp / "ablation"

@@ -182,18 +182,35 @@ def _test_setting(args: argparse.Namespace, cfg: Config) -> TestSetting:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from metatransfer.train.compare import compare_runs
+    from metatransfer.runs import atomic_write_bytes
+    from metatransfer.train.compare import compare_runs, plot_curves, read_curve
     from metatransfer.train.evaluate import format_delta
     from metatransfer.train.meta_test import run_config
 
-    run_a, run_b = Path(args.run_a), Path(args.run_b)
-    cfg_a, cfg_b = (_with_data_root(run_config(r), args.data_root) for r in (run_a, run_b))
-    a, b, delta, ci = compare_runs(run_a, cfg_a, run_b, cfg_b, _test_setting(args, cfg_a))
-    print(f"A {run_a}: {a.line}")
-    print(f"B {run_b}: {b.line}")
-    print(
-        f"A - B: {format_delta(delta, ci)} points (paired 95% CI over the same {len(a.accuracies)} episodes)"
-    )
+    if len(args.runs) < 2:
+        raise UserError("mtl compare needs at least two runs: each is compared with the last")
+    if len(args.runs) > 26:
+        raise UserError(f"mtl compare takes at most 26 runs (A to Z), not {len(args.runs)}")
+    paths = [Path(r) for r in args.runs]
+    runs = [(r, _with_data_root(run_config(r), args.data_root)) for r in paths]
+    results, deltas = compare_runs(runs, _test_setting(args, runs[0][1]))
+    letters = [chr(ord("A") + i) for i in range(len(runs))]
+    for letter, path, result in zip(letters, paths, results, strict=True):
+        print(f"{letter} {path}: {result.line}")
+    episodes = len(results[-1].accuracies)
+    for letter, (delta, ci) in zip(letters, deltas, strict=False):
+        print(
+            f"{letter} - {letters[-1]}: {format_delta(delta, ci)} points "
+            f"(paired 95% CI over the same {episodes} episodes)"
+        )
+    if args.curves:
+        seed = runs[0][1].eval.selection_seed
+        curves = {
+            f"{letter} {path.name}": read_curve(path) for letter, path in zip(letters, paths, strict=True)
+        }
+        title = f"val during meta-training (selection episodes of seed {seed})"
+        atomic_write_bytes(Path(args.curves), plot_curves(curves, title))
+        print(f"curves: {args.curves}")
     return 0
 
 
@@ -410,10 +427,14 @@ def _add_training_commands(sub: Any) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key of the run's config")
     p.set_defaults(func=cmd_meta_test)
 
-    p = sub.add_parser("compare", help="two meta-train runs on identical episodes: the paired difference")
-    p.add_argument("run_a")
-    p.add_argument("run_b")
+    p = sub.add_parser(
+        "compare", help="meta-train runs on identical episodes: each one's paired difference from the last"
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories; the last is the reference")
     _test_setting_args(p)
+    p.add_argument(
+        "--curves", metavar="PNG", help="also draw the runs' val curves during meta-training, overlaid"
+    )
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser(

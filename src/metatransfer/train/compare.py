@@ -5,8 +5,9 @@ Both runs start from the same phase-1 weights and seed and end at the same total
 (ordinary + hard), so the HT run sees fewer ordinary tasks. The validation curve of each is plotted
 against the number of tasks learned, and both final models are meta-tested on identical episodes.
 
-`mtl compare RUN_A RUN_B`: two finished meta-train runs meta-tested on the same episodes, and the
-per-episode difference with its 95% CI.
+`mtl compare RUN_A [RUN_B ...] REFERENCE`: finished meta-train runs meta-tested on the same episodes,
+and each one's per-episode difference from the last with its 95% CI (a sweep's arms against the
+default in one command); `--curves` overlays their validation curves.
 """
 
 from __future__ import annotations
@@ -96,18 +97,20 @@ def _setting(r: TestResult) -> str:
 
 
 def compare_runs(
-    run_a: Path, cfg_a: Config, run_b: Path, cfg_b: Config, setting: TestSetting
-) -> tuple[TestResult, TestResult, float, float]:
-    """Meta-test two runs on the same episodes: (result A, result B, mean of A - B, its paired 95% CI)."""
-    where = [(c.data.dataset, c.data.scheme, c.data.rotations) for c in (cfg_a, cfg_b)]
-    if where[0] != where[1]:
+    runs: list[tuple[Path, Config]], setting: TestSetting
+) -> tuple[list[TestResult], list[tuple[float, float]]]:
+    """Meta-test every run on the same episodes: (their results, and for each run but the last, the mean of
+    run - last and its paired 95% CI)."""
+    where = {(c.data.dataset, c.data.scheme, c.data.rotations): run for run, c in runs}
+    if len(where) > 1:
+        (d1, r1), (d2, r2) = list(where.items())[:2]
         raise UserError(
-            f"{run_a} and {run_b} were trained on different data ({where[0][0]} vs {where[1][0]}); "
+            f"{r1} and {r2} were trained on different data ({d1[0]} vs {d2[0]}); "
             "a paired comparison needs the same episodes"
         )
-    (a,) = meta_test(run_a, [setting], cfg_a, progress=False)
-    (b,) = meta_test(run_b, [setting], cfg_b, progress=False)
-    return a, b, *paired_difference(a.accuracies, b.accuracies)
+    results = [meta_test(run, [setting], cfg, progress=False)[0] for run, cfg in runs]
+    ref = results[-1].accuracies
+    return results, [paired_difference(r.accuracies, ref) for r in results[:-1]]
 
 
 def plot_curves(curves: dict[str, list[tuple[int, float]]], title: str) -> bytes:
