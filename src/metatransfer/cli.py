@@ -204,11 +204,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
             f"(paired 95% CI over the same {episodes} episodes)"
         )
     if args.curves:
-        seed = runs[0][1].eval.selection_seed
-        curves = {
-            f"{letter} {path.name}": read_curve(path) for letter, path in zip(letters, paths, strict=True)
-        }
-        title = f"val during meta-training (selection episodes of seed {seed})"
+        m, seed = runs[0][1].meta, runs[0][1].eval.selection_seed
+        names = [f"{letter} {path.name}" for letter, path in zip(letters, paths, strict=True)]
+        names[-1] += " (reference)"
+        curves = {name: read_curve(path) for name, path in zip(names, paths, strict=True)}
+        title = f"{m.way}-way {m.shot}-shot val during meta-training (selection episodes, seed {seed})"
         atomic_write_bytes(Path(args.curves), plot_curves(curves, title))
         print(f"curves: {args.curves}")
     return 0

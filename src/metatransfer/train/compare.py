@@ -122,7 +122,8 @@ def plot_curves(curves: dict[str, list[tuple[int, float]]], title: str) -> bytes
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    many = len(curves) > 3  # a sweep: the legend goes beside the axes, where it hides no line
+    fig, ax = plt.subplots(figsize=(9.5 if many else 6, 4), dpi=120)
     for name, points in curves.items():
         if points:
             xs, ys = zip(*points, strict=True)
@@ -131,7 +132,10 @@ def plot_curves(curves: dict[str, list[tuple[int, float]]], title: str) -> bytes
     ax.set_ylabel("val accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if many:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")
+    else:
+        ax.legend()
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png")
