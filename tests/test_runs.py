@@ -91,6 +91,20 @@ def test_interrupt_during_write_cleans_up(tmp_path: Path, monkeypatch: pytest.Mo
     assert _leftovers(tmp_path, {"x.json"}) == set()
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_write_gives_the_mode_open_would(tmp_path: Path, umask: int) -> None:
+    """Not mkstemp's 0600: run files are readable by whoever the user's umask lets read them."""
+    old = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "summary.md", "x")
+        with (tmp_path / "plain.md").open("w") as f:
+            f.write("x")
+    finally:
+        os.umask(old)
+    mode = (tmp_path / "summary.md").stat().st_mode & 0o777
+    assert mode == (tmp_path / "plain.md").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_atomic_write_replaces_contents(tmp_path: Path) -> None:
     target = tmp_path / "a" / "b.txt"
     atomic_write_text(target, "one")
