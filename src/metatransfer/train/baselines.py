@@ -33,7 +33,7 @@ from metatransfer.models.base_learner import InnerLoop
 from metatransfer.models.meta_learner import MetaLearner, inner_loop
 from metatransfer.models.model_files import BACKBONE_FILE, MODEL_FILE, load_backbone, load_meta_model
 from metatransfer.progress import track
-from metatransfer.runs import atomic_write_text, is_finished, load_weights, read_json
+from metatransfer.runs import atomic_write_text, is_finished, read_json
 from metatransfer.train.evaluate import (
     confidence_interval,
     episode_labels,
@@ -42,7 +42,7 @@ from metatransfer.train.evaluate import (
     format_delta,
     paired_difference,
 )
-from metatransfer.train.meta import meta_train
+from metatransfer.train.meta import kept_tasks, meta_train
 from metatransfer.train.meta_test import TestSetting, meta_test
 
 # Every meta.method, fewest adapted parameters first, then mtl with hard tasks.
@@ -351,7 +351,7 @@ def ablate(
                     summary = read_json(run_dir / "summary.json")
                     row.tasks = int(summary["tasks"]) + int(summary["hard_tasks"])
                     row.seconds = float(summary["seconds"])
-                    row.kept = int(load_weights(run_dir / MODEL_FILE)[1].get("tasks", -1))
+                    row.kept = kept_tasks(run_dir)
                     accs = result.accuracies
                 row.accuracy, row.ci95 = confidence_interval(accs)
                 row.episodes = len(accs)

@@ -44,6 +44,7 @@ from metatransfer.models.base_learner import (
 from metatransfer.models.meta_learner import MetaLearner, inner_loop, prepare_backbone
 from metatransfer.models.model_files import BACKBONE_FILE, MODEL_FILE, load_backbone, save_meta_model
 from metatransfer.models.scale_shift import describe_trainable
+from metatransfer.report import safetensors_metadata
 from metatransfer.runs import atomic_write_text
 from metatransfer.train.evaluate import (
     confidence_interval,
@@ -355,14 +356,12 @@ class MetaValidator:
     store: ImageStore
     out: Path
     best: float = -1.0
-    kept_tasks: int = 0  # tasks learned when the kept model was saved; 0 = the start
 
-    def kept_note(self) -> str:
+    def kept_note(self, tasks: int) -> str:
         """The last line of meta-training: which checkpoint was kept, and plainly so when it is the start."""
         seed = self.trainer.cfg.eval.selection_seed
-        at = f"at task {self.kept_tasks}" if self.kept_tasks >= 0 else "best on val"
-        line = f"kept the model {at} (val {100 * self.best:.2f}% on selection episodes of seed {seed})"
-        if self.kept_tasks == 0:
+        line = f"kept the model at task {tasks} (val {100 * self.best:.2f}% on selection episodes of seed {seed})"
+        if tasks == 0:
             line += (
                 "; meta-training never beat the start on val, so the kept model is"
                 " the phase-1 features with the base learner"
@@ -379,7 +378,7 @@ class MetaValidator:
         tr = self.trainer
         val_acc, val_ci = tr.validate(self.store, self.sampler, tr.m.val_episodes)
         if val_acc > self.best:
-            self.best, self.kept_tasks = val_acc, tr.tasks_done
+            self.best = val_acc
             save_meta_model(self.out / MODEL_FILE, tr.learner, tr.cfg, tr.pre, tasks=str(tr.tasks_done))
         return {**row, "val_acc": val_acc, "val_ci": val_ci, "val_s": time.perf_counter() - t0}
 
@@ -405,9 +404,6 @@ def meta_train(
         if run.state is not None:
             trainer.load_state_dict(run.state)
             validate.best = float(run.state["best"])
-            validate.kept_tasks = int(
-                run.state.get("kept_tasks", -1)
-            )  # -1: a checkpoint from before 2026-11-30
         if ctx.is_main:
             progress.note(trainer.describe())
         if run.state is None and ctx.is_main:
@@ -428,24 +424,24 @@ def meta_train(
                     row = trainer.progress_row(speed.rate)
                     if ctx.is_main:
                         row = validate(row)
-                        run.checkpoint(
-                            row,
-                            {
-                                **trainer.state_dict(),
-                                "best": validate.best,
-                                "kept_tasks": validate.kept_tasks,
-                            },
-                        )
+                        run.checkpoint(row, {**trainer.state_dict(), "best": validate.best})
                         progress.note(trainer.progress_line(row))
                         if m.ht.enabled:
                             _write_failures(out / "failure_classes.csv", trainer.failures, train.classes)
                     dist.barrier()
+        kept = kept_tasks(out) if ctx.is_main else -1  # only rank 0 writes the model file
         if ctx.is_main:
             save_meta_model(out / LAST_FILE, learner, cfg, pre, tasks=str(trainer.tasks_done))
-            progress.note(validate.kept_note())
+            progress.note(validate.kept_note(kept))
         done = {"tasks": trainer.tasks_done, "hard_tasks": trainer.hard_done, "seconds": speed.elapsed}
-        run.finish({"best_val": validate.best, "kept_tasks": validate.kept_tasks, **done})
+        run.finish({"best_val": validate.best, "kept_tasks": kept, **done})
     return out / MODEL_FILE
+
+
+def kept_tasks(run_dir: Path) -> int:
+    """Tasks learned when a meta-train run's kept model was saved (0 = the start), as its model file
+    records it; -1 if the file does not say."""
+    return int(safetensors_metadata(run_dir / MODEL_FILE).get("tasks", -1))
 
 
 def _write_failures(path: Path, counts: Counter[int], names: list[str]) -> None:
