@@ -101,13 +101,17 @@ def compare_runs(
 ) -> tuple[list[TestResult], list[tuple[float, float]]]:
     """Meta-test every run on the same episodes: (their results, and for each run but the last, the mean of
     run - last and its paired 95% CI)."""
-    where = {(c.data.dataset, c.data.scheme, c.data.rotations): run for run, c in runs}
-    if len(where) > 1:
-        (d1, r1), (d2, r2) = list(where.items())[:2]
-        raise UserError(
-            f"{r1} and {r2} were trained on different data ({d1[0]} vs {d2[0]}); "
-            "a paired comparison needs the same episodes"
-        )
+    first, first_cfg = runs[0]
+    for run, c in runs[1:]:
+        if (c.data.dataset, c.data.scheme, c.data.rotations) != (
+            first_cfg.data.dataset,
+            first_cfg.data.scheme,
+            first_cfg.data.rotations,
+        ):
+            raise UserError(
+                f"{first} and {run} were trained on different data ({first_cfg.data.dataset} vs "
+                f"{c.data.dataset}); a paired comparison needs the same episodes"
+            )
     results = [meta_test(run, [setting], cfg, progress=False)[0] for run, cfg in runs]
     ref = results[-1].accuracies
     return results, [paired_difference(r.accuracies, ref) for r in results[:-1]]
