@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import math
+import shutil
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -147,6 +148,23 @@ def test_finished_run_is_not_overwritten(
     err = capsys.readouterr().err
     assert "finished run" in err and "--overwrite" in err
     assert "Traceback" not in err
+
+
+def test_run_keeps_the_backbone_when_only_the_meta_section_changed(tiny_run: tuple[Path, Path]) -> None:
+    # Tuning phase 2 must not cost a new pre-training: `mtl run` with a new meta section into a folder
+    # holding that config's finished pretrain reuses it and meta-trains afresh.
+    out, config = tiny_run
+    again = out.parent / "run-new-meta"
+    shutil.copytree(out / "pretrain", again / "pretrain")
+    backbone = (again / "pretrain" / "backbone.safetensors").read_bytes()
+    log = io.StringIO()
+    with redirect_stdout(log), redirect_stderr(log):
+        code = main(["run", "--config", str(config), "--out", str(again), "--set", "meta.inner_lr=0.05"])
+    assert code == 0, log.getvalue()[-2000:]
+    assert "pre-training" not in log.getvalue()
+    assert (again / "pretrain" / "backbone.safetensors").read_bytes() == backbone
+    assert "inner_lr: 0.05" in (again / "meta-1shot" / "config.yaml").read_text()
+    assert (again / "summary.json").exists()
 
 
 def test_unknown_config_key_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

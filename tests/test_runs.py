@@ -261,53 +261,53 @@ def cfg(**meta: int) -> Config:
 
 
 def test_second_opener_is_refused_while_the_first_holds_the_lock(tmp_path: Path) -> None:
-    run = RunDir.open(tmp_path / "run", cfg())
+    run = RunDir.open(tmp_path / "run", cfg(), "meta")
     with pytest.raises(UserError, match="in use"):
-        RunDir.open(tmp_path / "run", cfg())
+        RunDir.open(tmp_path / "run", cfg(), "meta")
     with pytest.raises(UserError, match="in use"):  # the failed attempt did not release the first lock
-        RunDir.open(tmp_path / "run", cfg())
+        RunDir.open(tmp_path / "run", cfg(), "meta")
     run.close()
-    with RunDir.open(tmp_path / "run", cfg()) as again:
+    with RunDir.open(tmp_path / "run", cfg(), "meta") as again:
         assert again.path == tmp_path / "run"
 
 
 def test_lock_is_released_when_open_fails(tmp_path: Path) -> None:
-    with RunDir.open(tmp_path, cfg()) as run:
+    with RunDir.open(tmp_path, cfg(), "meta") as run:
         run.finish()
     with pytest.raises(UserError, match="finished run"):
-        RunDir.open(tmp_path, cfg())
-    RunDir.open(tmp_path, cfg(), overwrite=True).close()  # would say "in use" if the lock had leaked
+        RunDir.open(tmp_path, cfg(), "meta")
+    RunDir.open(tmp_path, cfg(), "meta", overwrite=True).close()  # would say "in use" if the lock had leaked
 
 
 def test_fresh_run_writes_its_config(tmp_path: Path) -> None:
-    with RunDir.open(tmp_path / "r", cfg(way=7)) as run:
+    with RunDir.open(tmp_path / "r", cfg(way=7), "meta") as run:
         assert run.resuming is False
         assert build_config([__import__("yaml").safe_load(run.file("config.yaml").read_text())]).meta.way == 7
 
 
 def test_finished_run_is_not_overwritten_without_overwrite(tmp_path: Path) -> None:
-    with RunDir.open(tmp_path, cfg()) as run:
+    with RunDir.open(tmp_path, cfg(), "meta") as run:
         atomic_write_bytes(run.file("backbone.safetensors"), b"precious")
         run.finish({"best_val": 0.9})
     with pytest.raises(UserError, match="finished run.*--overwrite"):
-        RunDir.open(tmp_path, cfg())
+        RunDir.open(tmp_path, cfg(), "meta")
     with pytest.raises(UserError, match="finished run"):
-        RunDir.open(tmp_path, cfg(way=10))
+        RunDir.open(tmp_path, cfg(way=10), "meta")
     assert (tmp_path / "backbone.safetensors").read_bytes() == b"precious"
-    with RunDir.open(tmp_path, cfg(way=10), overwrite=True) as run:
+    with RunDir.open(tmp_path, cfg(way=10), "meta", overwrite=True) as run:
         assert run.resuming is False
     assert not (tmp_path / "backbone.safetensors").exists()
     assert not (tmp_path / "DONE").exists()
-    assert is_finished(tmp_path, cfg(way=10)) is False
+    assert is_finished(tmp_path, cfg(way=10), "meta") is False
 
 
 def test_overwrite_removes_only_what_the_run_wrote(tmp_path: Path) -> None:
-    with RunDir.open(tmp_path / "run", cfg()) as run:
+    with RunDir.open(tmp_path / "run", cfg(), "meta") as run:
         save_weights(run.file("backbone.safetensors"), {"w": torch.ones(2)})
         (run.path / "notes.txt").write_text("mine")  # the user's, added to the run folder
         (run.path / "plots").mkdir()
         run.finish()
-    with RunDir.open(tmp_path / "run", cfg(), overwrite=True):
+    with RunDir.open(tmp_path / "run", cfg(), "meta", overwrite=True):
         pass
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
         ".lock",
@@ -327,7 +327,7 @@ def test_a_folder_metatransfer_did_not_write_is_refused_and_kept(tmp_path: Path,
     (folder / "thesis.txt").write_text("years of work")
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     with pytest.raises(UserError, match="did not write"):
-        RunDir.open(folder, cfg(), overwrite=overwrite)
+        RunDir.open(folder, cfg(), "meta", overwrite=overwrite)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
 
 
@@ -338,7 +338,7 @@ def test_an_output_inside_the_dataset_is_refused(tmp_path: Path) -> None:
     config = build_config([{"data": {"dataset": "image-folder", "root": str(data)}}])
     for out in (data, data / "train" / "class0", data / "new"):
         with pytest.raises(UserError, match="inside the dataset folder"):
-            RunDir.open(out, config, overwrite=True)
+            RunDir.open(out, config, "meta", overwrite=True)
     assert sorted(p.name for p in data.rglob("*")) == ["0.png", "class0", "train"]
 
 
@@ -349,7 +349,7 @@ def test_a_run_written_before_the_marker_is_still_ours(tmp_path: Path) -> None:
     (legacy / "backbone.safetensors").write_bytes(b"old weights")
     (legacy / "DONE").write_text("{}")
     (legacy / "readme.txt").write_text("the user's")
-    with RunDir.open(legacy, cfg(way=10), overwrite=True):
+    with RunDir.open(legacy, cfg(way=10), "meta", overwrite=True):
         pass
     assert sorted(p.name for p in legacy.iterdir()) == [
         ".lock",
@@ -362,58 +362,92 @@ def test_a_run_written_before_the_marker_is_still_ours(tmp_path: Path) -> None:
     other.mkdir()
     (other / "config.yaml").write_text("name: mine\n")
     with pytest.raises(UserError, match="did not write"):
-        RunDir.open(other, cfg(), overwrite=True)
+        RunDir.open(other, cfg(), "meta", overwrite=True)
     assert (other / "config.yaml").read_text() == "name: mine\n"
 
 
 def test_an_output_that_is_a_file_or_unwritable_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="not a folder"):
-        RunDir.open(tmp_path / "file", cfg())
+        RunDir.open(tmp_path / "file", cfg(), "meta")
     with pytest.raises(UserError, match=r"cannot create the output folder .*file/run: Not a directory"):
-        RunDir.open(tmp_path / "file" / "run", cfg())
+        RunDir.open(tmp_path / "file" / "run", cfg(), "meta")
 
 
 def test_resume_detection(tmp_path: Path) -> None:
-    with RunDir.open(tmp_path, cfg()) as run:
+    with RunDir.open(tmp_path, cfg(), "meta") as run:
         assert run.resuming is False
         save_state(run.file("state.pt"), {"epoch": 1})
-    with RunDir.open(tmp_path, cfg()) as run:  # same config + state: resumed automatically
+    with RunDir.open(tmp_path, cfg(), "meta") as run:  # same config + state: resumed automatically
         assert run.resuming is True
-    with RunDir.open(tmp_path, cfg(), resume=True) as run:
+    with RunDir.open(tmp_path, cfg(), "meta", resume=True) as run:
         assert run.resuming is True
     with pytest.raises(UserError, match="different config"):
-        RunDir.open(tmp_path, cfg(way=10))
+        RunDir.open(tmp_path, cfg(way=10), "meta")
     with pytest.raises(UserError, match="--resume"):
-        RunDir.open(tmp_path, cfg(), resume=False)
-    with RunDir.open(tmp_path, cfg(way=10), overwrite=True) as run:
+        RunDir.open(tmp_path, cfg(), "meta", resume=False)
+    with RunDir.open(tmp_path, cfg(way=10), "meta", overwrite=True) as run:
         assert run.resuming is False
     assert not (tmp_path / "state.pt").exists()
 
 
 def test_resume_without_a_run_is_refused(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="nothing to resume"):
-        RunDir.open(tmp_path / "empty", cfg(), resume=True)
+        RunDir.open(tmp_path / "empty", cfg(), "meta", resume=True)
 
 
 def test_unfinished_run_without_state_restarts(tmp_path: Path) -> None:
-    RunDir.open(tmp_path, cfg()).close()  # crashed before its first checkpoint
-    with RunDir.open(tmp_path, cfg(way=10)) as run:
+    RunDir.open(tmp_path, cfg(), "meta").close()  # crashed before its first checkpoint
+    with RunDir.open(tmp_path, cfg(way=10), "meta") as run:
         assert run.resuming is False
     assert "way: 10" in (tmp_path / "config.yaml").read_text()
 
 
 def test_is_finished_and_finish_drops_resume_state(tmp_path: Path) -> None:
-    assert is_finished(tmp_path, cfg()) is False
-    with RunDir.open(tmp_path, cfg()) as run:
+    assert is_finished(tmp_path, cfg(), "meta") is False
+    with RunDir.open(tmp_path, cfg(), "meta") as run:
         save_state(run.file("state.pt"), {"epoch": 1})
         save_state(run.file("state_meta.pt"), {"tasks": 2})
-        assert is_finished(tmp_path, cfg()) is False
+        assert is_finished(tmp_path, cfg(), "meta") is False
         run.finish({"best_val": 0.5})
-    assert is_finished(tmp_path, cfg()) is True
-    assert is_finished(tmp_path, cfg(way=10)) is False
+    assert is_finished(tmp_path, cfg(), "meta") is True
+    assert is_finished(tmp_path, cfg(way=10), "meta") is False
     assert read_json(tmp_path / "DONE") == {"best_val": 0.5}
     assert list(tmp_path.glob("state*.pt")) == []
+
+
+def test_a_finished_phase_is_reused_when_only_settings_it_never_reads_changed(tmp_path: Path) -> None:
+    base = build_config([{"name": "t", "eval": {"split": "val"}}])
+    with RunDir.open(tmp_path, base, "pretrain") as run:
+        run.finish()
+
+    def changed(**sections: object) -> Config:
+        return build_config([{"name": "t", "eval": {"split": "val"}}, sections])
+
+    # (change, still the same pre-training?, still the same meta-training?)
+    cases = [
+        (changed(meta={"inner_lr": 0.02, "ss_granularity": "kernel"}), True, False),
+        (changed(eval={"episodes": 5000, "ways": [5, 20], "split": "test", "seed": 3}), True, True),
+        (changed(logging={"tensorboard": True}), True, True),
+        (changed(eval={"query": 10}), False, True),  # pretrain's val episodes use eval.query
+        (changed(eval={"selection_seed": 7}), False, False),  # both select on these episodes
+        (changed(pretrain={"epochs": 3}), False, False),
+        (changed(seed=5), False, False),
+    ]
+    for cfg_b, pretrain_same, meta_same in cases:
+        assert is_finished(tmp_path, cfg_b, "pretrain") is pretrain_same, to_yaml(cfg_b)
+        assert is_finished(tmp_path, cfg_b, "meta") is meta_same, to_yaml(cfg_b)
+    (tmp_path / "config.yaml").write_text("meta: {no_such_key: 1}\n")  # written by another version
+    assert is_finished(tmp_path, base, "pretrain") is False
+
+
+def test_an_unfinished_pretraining_resumes_after_the_meta_section_changed(tmp_path: Path) -> None:
+    with RunDir.open(tmp_path, cfg(), "pretrain") as run:
+        save_state(run.file("state.pt"), {"epoch": 1})
+    with RunDir.open(tmp_path, cfg(way=10), "pretrain") as run:
+        assert run.resuming is True
+    with pytest.raises(UserError, match="different config"):
+        RunDir.open(tmp_path, cfg(way=7), "meta")
 
 
 # --- metrics CSV ------------------------------------------------------------------------------------------

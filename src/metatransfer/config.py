@@ -34,6 +34,7 @@ Method = Literal["mtl", "ss-last", "ft-last", "ft-theta"]
 BatchNormMode = Literal["frozen", "train", "batch"]
 ClassifierInit = Literal["zero", "proto"]
 Granularity = Literal["filter", "kernel"]
+Phase = Literal["pretrain", "meta"]
 
 SEED_MAX = 2**63 - 1  # torch generators take 64-bit seeds
 
@@ -541,3 +542,16 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def phase_inputs(cfg: Config, phase: Phase) -> Config:
+    """`cfg` with the settings that `phase` never reads reset to their defaults: two configs with the same
+    view give the same result in that phase. A finished run is reused, and an unfinished one resumed, when
+    only later settings changed: a new `meta` section keeps the pre-trained backbone, a new `eval` section
+    keeps both phases, and `logging` never counts."""
+    # Of `eval`, training reads only the val episodes it selects on (pretrain also their query size).
+    val = EvalConfig(selection_seed=cfg.eval.selection_seed)
+    if phase == "pretrain":
+        val = dataclasses.replace(val, query=cfg.eval.query)
+        return dataclasses.replace(cfg, meta=MetaConfig(), eval=val, logging=LoggingConfig())
+    return dataclasses.replace(cfg, eval=val, logging=LoggingConfig())

@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from metatransfer.config import Config, to_yaml
+from metatransfer.config import Config, Phase, load_config, phase_inputs, to_yaml
 from metatransfer.errors import TrainingError, UserError, file_error
 
 CONFIG_FILE = "config.yaml"
@@ -336,7 +336,8 @@ class RunDir:
     """A run's output folder, locked against a second process while in use.
 
     `open` refuses to reuse a finished run unless `overwrite`; an unfinished run of the same config
-    is resumed (`resuming` is True); an unfinished run of a different config is refused.
+    (as far as its phase reads it, see `phase_inputs`) is resumed (`resuming` is True); an unfinished
+    run of a different config is refused.
     """
 
     def __init__(self, path: Path, lock: IO[str] | None, resuming: bool) -> None:
@@ -349,6 +350,7 @@ class RunDir:
         cls,
         path: str | Path,
         cfg: Config,
+        phase: Phase,
         *,
         overwrite: bool = False,
         resume: bool | None = None,
@@ -360,14 +362,14 @@ class RunDir:
         path = claim_folder(path, data_root=cfg.data.root)
         handle = _acquire_lock(path)
         try:
-            resuming = cls._prepare(path, cfg, overwrite=overwrite, resume=resume)
+            resuming = cls._prepare(path, cfg, phase, overwrite=overwrite, resume=resume)
         except BaseException:
             handle.close()
             raise
         return cls(path, handle, resuming)
 
     @staticmethod
-    def _prepare(path: Path, cfg: Config, *, overwrite: bool, resume: bool | None) -> bool:
+    def _prepare(path: Path, cfg: Config, phase: Phase, *, overwrite: bool, resume: bool | None) -> bool:
         saved = path / CONFIG_FILE
         if overwrite:
             remove_our_files(path)
@@ -378,7 +380,7 @@ class RunDir:
                 f"{path} holds a finished run; pass --overwrite to replace it or choose another --out"
             )
         if saved.exists():
-            same = _saved_config(path) == to_yaml(cfg)
+            same = _same_inputs(path, cfg, phase)
             has_state = any(path.glob("state*.pt"))
             if not same and (has_state or resume):
                 raise UserError(
@@ -416,10 +418,25 @@ class RunDir:
         self.close()
 
 
-def is_finished(path: str | Path, cfg: Config) -> bool:
-    """Whether `path` holds a finished run of exactly `cfg` (so a pipeline can reuse it)."""
+def is_finished(path: str | Path, cfg: Config, phase: Phase) -> bool:
+    """Whether `path` holds a finished `phase` run of `cfg`, as far as the phase reads it (so a pipeline
+    can reuse it: `mtl run` with a new meta section keeps the pre-trained backbone)."""
     path = Path(path)
-    return (path / DONE_FILE).exists() and _saved_config(path) == to_yaml(cfg)
+    return (path / DONE_FILE).exists() and _same_inputs(path, cfg, phase)
+
+
+def _same_inputs(run: Path, cfg: Config, phase: Phase) -> bool:
+    """Whether the run in `run` was made from the same settings as `cfg`, of those `phase` reads."""
+    text = _saved_config(run)
+    if text is None:
+        return False
+    if text == to_yaml(cfg):
+        return True
+    try:
+        saved = load_config(run / CONFIG_FILE)
+    except UserError:  # a config this version cannot read was not made from `cfg`
+        return False
+    return phase_inputs(saved, phase) == phase_inputs(cfg, phase)
 
 
 def _saved_config(run: Path) -> str | None:

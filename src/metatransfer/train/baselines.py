@@ -342,7 +342,7 @@ def ablate(
                 else:
                     mcfg = method_config(cfg, method, shot, extra)
                     run_dir = out / f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', method).strip('-')}-{shot}shot"
-                    if overwrite or not is_finished(run_dir, mcfg):
+                    if overwrite or not is_finished(run_dir, mcfg, "meta"):
                         meta_train(mcfg, source, run_dir, overwrite=overwrite)
                     setting = TestSetting(split, way, shot, cfg.eval.query, episodes, cfg.eval.seed)
                     (result,) = meta_test(run_dir, [setting], mcfg, progress=False)

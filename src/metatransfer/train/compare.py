@@ -59,7 +59,7 @@ def compare_ht(
     for variant in VARIANTS:
         vcfg = variant_config(cfg, variant)
         run_dir = out / variant
-        if overwrite or not is_finished(run_dir, vcfg):
+        if overwrite or not is_finished(run_dir, vcfg, "meta"):
             meta_train(vcfg, pretrained, run_dir, overwrite=overwrite)
         curves[variant] = read_curve(run_dir)
         settings = [

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from metatransfer import distributed as dist
-from metatransfer.config import Config
+from metatransfer.config import Config, Phase
 from metatransfer.data.augment import BatchAugment
 from metatransfer.data.preprocess import Preprocess
 from metatransfer.device import Runtime
@@ -29,7 +29,7 @@ SUMMARY_FILE = "summary.json"
 
 
 class TrainingRun:
-    """One phase's run directory from open to finish: `with TrainingRun(out, cfg) as run: ...`.
+    """One phase's run directory from open to finish: `with TrainingRun(out, cfg, phase) as run: ...`.
 
     Entering opens and locks `out` and, when it holds an unfinished run of the same config, reads the
     checkpoint to resume from (`state`, `step`). `log` appends a metrics row, `checkpoint` appends one
@@ -40,9 +40,9 @@ class TrainingRun:
     """
 
     def __init__(
-        self, out: Path, cfg: Config, *, overwrite: bool = False, resume: bool | None = None
+        self, out: Path, cfg: Config, phase: Phase, *, overwrite: bool = False, resume: bool | None = None
     ) -> None:
-        self.out, self.cfg, self.overwrite, self.resume = out, cfg, overwrite, resume
+        self.out, self.cfg, self.phase, self.overwrite, self.resume = out, cfg, phase, overwrite, resume
         self.is_main = dist.context().is_main
         self.state: dict[str, Any] | None = None  # the checkpoint resumed from; None on a fresh start
         self._dir: RunDir | None = None
@@ -55,7 +55,9 @@ class TrainingRun:
 
     def __enter__(self) -> TrainingRun:
         if self.is_main:
-            self._dir = RunDir.open(self.out, self.cfg, overwrite=self.overwrite, resume=self.resume)
+            self._dir = RunDir.open(
+                self.out, self.cfg, self.phase, overwrite=self.overwrite, resume=self.resume
+            )
         try:
             if dist.broadcast_flag(self._dir.resuming if self._dir else False):
                 self.state = load_state(self.out / STATE_FILE)

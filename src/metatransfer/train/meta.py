@@ -399,7 +399,7 @@ def meta_train(
     val = open_split(cfg.data, "val", progress=ctx.is_main)
     runtime.model(learner)
     trainer = MetaTrainer(cfg, learner, train, pre, runtime)
-    with TrainingRun(out, cfg, overwrite=overwrite, resume=resume) as run:
+    with TrainingRun(out, cfg, "meta", overwrite=overwrite, resume=resume) as run:
         validate = MetaValidator(trainer, val, out)
         if run.state is not None:
             trainer.load_state_dict(run.state)

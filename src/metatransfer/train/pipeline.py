@@ -25,13 +25,13 @@ def run_all(cfg: Config, out: Path, *, overwrite: bool = False) -> list[TestResu
     """`mtl run`: pre-train, then per shot in eval.shots meta-train and meta-test; prints a summary table."""
     t0 = time.perf_counter()
     pre_dir = out / "pretrain"
-    if overwrite or not is_finished(pre_dir, cfg):
+    if overwrite or not is_finished(pre_dir, cfg, "pretrain"):
         pretrain(cfg, pre_dir, overwrite=overwrite)
     results: list[TestResult] = []
     for shot in cfg.eval.shots:
         shot_cfg = dataclasses.replace(cfg, meta=dataclasses.replace(cfg.meta, shot=shot))
         meta_dir = out / f"meta-{shot}shot"
-        if overwrite or not is_finished(meta_dir, shot_cfg):
+        if overwrite or not is_finished(meta_dir, shot_cfg, "meta"):
             meta_train(shot_cfg, pre_dir, meta_dir, overwrite=overwrite)
         settings = [
             TestSetting(cfg.eval.split, way, shot, cfg.eval.query, cfg.eval.episodes, cfg.eval.seed)

@@ -216,7 +216,7 @@ def pretrain(cfg: Config, out: Path, *, overwrite: bool = False, resume: bool | 
     validate = FewShotValidator(
         val, trainer.pre, p.val_shots, p.val_episodes, cfg.eval.selection_seed, cfg.eval.query
     )
-    with TrainingRun(out, cfg, overwrite=overwrite, resume=resume) as run:
+    with TrainingRun(out, cfg, "pretrain", overwrite=overwrite, resume=resume) as run:
         best = -1.0
         if run.state is not None:
             trainer.load_state_dict(run.state)
