@@ -480,12 +480,30 @@ def _add_training_commands(sub: Any) -> None:
     p.add_argument(
         "--shots", type=_numbers(Shot, "--shots"), default=[1, 5], help="comma-separated (default 1,5)"
     )
-    p.add_argument("--steps", type=_numbers(InnerSteps, "--steps"), default=[0, 10, 25, 50, 100])
-    p.add_argument("--lrs", type=_numbers(LearningRate, "--lrs", float), default=[0.01, 0.03, 0.1, 0.3, 0.5])
     p.add_argument(
-        "--temperatures", type=_numbers(Temperature, "--temperatures", float), default=[5.0, 10.0, 20.0]
+        "--steps",
+        type=_numbers(InnerSteps, "--steps"),
+        default=[0, 10, 25, 50, 100],
+        help="inner steps to try, comma-separated (default 0,10,25,50,100)",
     )
-    p.add_argument("--episodes", type=_number(Count, "--episodes"), default=300, help="selection episodes")
+    p.add_argument(
+        "--lrs",
+        type=_numbers(LearningRate, "--lrs", float),
+        default=[0.01, 0.03, 0.1, 0.3, 0.5],
+        help="inner learning rates to try (default 0.01,0.03,0.1,0.3,0.5)",
+    )
+    p.add_argument(
+        "--temperatures",
+        type=_numbers(Temperature, "--temperatures", float),
+        default=[5.0, 10.0, 20.0],
+        help="logit temperatures to try (default 5,10,20)",
+    )
+    p.add_argument(
+        "--episodes",
+        type=_number(Count, "--episodes"),
+        default=300,
+        help="selection episodes per shot (seed eval.selection_seed; default 300)",
+    )
     p.set_defaults(func=cmd_tune_base_learner)
 
     p = sub.add_parser("run", help="all three phases end to end, with a summary table")
