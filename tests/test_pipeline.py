@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import math
+import re
 import shutil
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -161,7 +162,10 @@ def test_run_keeps_the_backbone_when_only_the_meta_section_changed(tiny_run: tup
     with redirect_stdout(log), redirect_stderr(log):
         code = main(["run", "--config", str(config), "--out", str(again), "--set", "meta.inner_lr=0.05"])
     assert code == 0, log.getvalue()[-2000:]
-    assert "pre-training" not in log.getvalue()
+    header = r"pre-training \w+ \("  # what pre-training prints when it starts
+    assert re.search(header, (out.parent / "log.txt").read_text())
+    assert not re.search(header, log.getvalue())
+    assert f"pre-training: reusing the finished run in {again / 'pretrain'}" in log.getvalue()
     assert (again / "pretrain" / "backbone.safetensors").read_bytes() == backbone
     assert "inner_lr: 0.05" in (again / "meta-1shot" / "config.yaml").read_text()
     assert (again / "summary.json").exists()

@@ -12,6 +12,7 @@ import numpy as np
 from metatransfer import distributed as dist
 from metatransfer.config import Config
 from metatransfer.data.sampler import EpisodeSampler
+from metatransfer.progress import note
 from metatransfer.report import write_report
 from metatransfer.runs import atomic_write_text, is_finished, write_json
 from metatransfer.train.baselines import phase_one_features
@@ -27,12 +28,16 @@ def run_all(cfg: Config, out: Path, *, overwrite: bool = False) -> list[TestResu
     pre_dir = out / "pretrain"
     if overwrite or not is_finished(pre_dir, cfg, "pretrain"):
         pretrain(cfg, pre_dir, overwrite=overwrite)
+    else:
+        _reusing("pre-training", pre_dir)
     results: list[TestResult] = []
     for shot in cfg.eval.shots:
         shot_cfg = dataclasses.replace(cfg, meta=dataclasses.replace(cfg.meta, shot=shot))
         meta_dir = out / f"meta-{shot}shot"
         if overwrite or not is_finished(meta_dir, shot_cfg, "meta"):
             meta_train(shot_cfg, pre_dir, meta_dir, overwrite=overwrite)
+        else:
+            _reusing(f"{shot}-shot meta-training", meta_dir)
         settings = [
             TestSetting(cfg.eval.split, way, shot, cfg.eval.query, cfg.eval.episodes, cfg.eval.seed)
             for way in cfg.eval.ways
@@ -61,6 +66,11 @@ def run_all(cfg: Config, out: Path, *, overwrite: bool = False) -> list[TestResu
         )
         print(f"report: {write_report(out)}")
     return results
+
+
+def _reusing(phase: str, run_dir: Path) -> None:
+    if dist.context().is_main:
+        note(f"{phase}: reusing the finished run in {run_dir} (same settings for this phase)")
 
 
 def ncm_reference(cfg: Config, pretrained: Path, results: list[TestResult]) -> list[np.ndarray]:
