@@ -33,7 +33,7 @@ from metatransfer.models.base_learner import InnerLoop
 from metatransfer.models.meta_learner import MetaLearner, inner_loop
 from metatransfer.models.model_files import BACKBONE_FILE, MODEL_FILE, load_backbone, load_meta_model
 from metatransfer.progress import track
-from metatransfer.runs import atomic_write_text, is_finished, read_json
+from metatransfer.runs import atomic_write_text, read_json
 from metatransfer.train.evaluate import (
     confidence_interval,
     episode_labels,
@@ -42,6 +42,7 @@ from metatransfer.train.evaluate import (
     format_delta,
     paired_difference,
 )
+from metatransfer.train.loop import reuse_finished
 from metatransfer.train.meta import kept_tasks, meta_train
 from metatransfer.train.meta_test import TestSetting, meta_test
 
@@ -342,7 +343,7 @@ def ablate(
                 else:
                     mcfg = method_config(cfg, method, shot, extra)
                     run_dir = out / f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', method).strip('-')}-{shot}shot"
-                    if overwrite or not is_finished(run_dir, mcfg, "meta"):
+                    if not reuse_finished(run_dir, mcfg, "meta", overwrite=overwrite):
                         meta_train(mcfg, source, run_dir, overwrite=overwrite)
                     setting = TestSetting(split, way, shot, cfg.eval.query, episodes, cfg.eval.seed)
                     (result,) = meta_test(run_dir, [setting], mcfg, progress=False)

@@ -18,8 +18,9 @@ from pathlib import Path
 
 from metatransfer.config import Config
 from metatransfer.errors import UserError
-from metatransfer.runs import atomic_write_bytes, atomic_write_text, is_finished
+from metatransfer.runs import atomic_write_bytes, atomic_write_text
 from metatransfer.train.evaluate import format_delta, paired_difference
+from metatransfer.train.loop import reuse_finished
 from metatransfer.train.meta import meta_train
 from metatransfer.train.meta_test import TestResult, TestSetting, meta_test
 
@@ -59,7 +60,7 @@ def compare_ht(
     for variant in VARIANTS:
         vcfg = variant_config(cfg, variant)
         run_dir = out / variant
-        if overwrite or not is_finished(run_dir, vcfg, "meta"):
+        if not reuse_finished(run_dir, vcfg, "meta", overwrite=overwrite):
             meta_train(vcfg, pretrained, run_dir, overwrite=overwrite)
         curves[variant] = read_curve(run_dir)
         settings = [

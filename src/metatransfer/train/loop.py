@@ -15,17 +15,34 @@ import numpy as np
 import torch
 
 from metatransfer import distributed as dist
+from metatransfer import progress
 from metatransfer.config import Config, Phase
 from metatransfer.data.augment import BatchAugment
 from metatransfer.data.preprocess import Preprocess
 from metatransfer.device import Runtime
 from metatransfer.errors import TrainingError
 from metatransfer.monitor import RunLog
-from metatransfer.runs import RunDir, load_state, save_state, write_json
+from metatransfer.runs import RunDir, is_finished, load_state, save_state, write_json
 
 STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"
+
+
+_PHASE_NAMES = {"pretrain": "pre-training", "meta": "meta-training"}
+
+
+def reuse_finished(out: Path, cfg: Config, phase: Phase, *, overwrite: bool = False) -> bool:
+    """Whether a command that chains phases (`mtl run`, `ablate`, `compare-ht`) may reuse `out` instead of
+    training it again: it holds a finished `phase` run of `cfg`'s settings for that phase (`phase_inputs`)
+    and `overwrite` was not asked for. Says so when it reuses."""
+    if overwrite or not is_finished(out, cfg, phase):
+        return False
+    if dist.context().is_main:
+        progress.note(
+            f"{_PHASE_NAMES[phase]}: reusing the finished run in {out} (same settings for this phase)"
+        )
+    return True
 
 
 class TrainingRun:

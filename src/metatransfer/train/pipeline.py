@@ -12,11 +12,11 @@ import numpy as np
 from metatransfer import distributed as dist
 from metatransfer.config import Config
 from metatransfer.data.sampler import EpisodeSampler
-from metatransfer.progress import note
 from metatransfer.report import write_report
-from metatransfer.runs import atomic_write_text, is_finished, write_json
+from metatransfer.runs import atomic_write_text, write_json
 from metatransfer.train.baselines import phase_one_features
 from metatransfer.train.evaluate import evaluate_features, format_delta, paired_difference
+from metatransfer.train.loop import reuse_finished
 from metatransfer.train.meta import meta_train
 from metatransfer.train.meta_test import TestResult, TestSetting, meta_test
 from metatransfer.train.pretrain import pretrain
@@ -26,18 +26,14 @@ def run_all(cfg: Config, out: Path, *, overwrite: bool = False) -> list[TestResu
     """`mtl run`: pre-train, then per shot in eval.shots meta-train and meta-test; prints a summary table."""
     t0 = time.perf_counter()
     pre_dir = out / "pretrain"
-    if overwrite or not is_finished(pre_dir, cfg, "pretrain"):
+    if not reuse_finished(pre_dir, cfg, "pretrain", overwrite=overwrite):
         pretrain(cfg, pre_dir, overwrite=overwrite)
-    else:
-        _reusing("pre-training", pre_dir)
     results: list[TestResult] = []
     for shot in cfg.eval.shots:
         shot_cfg = dataclasses.replace(cfg, meta=dataclasses.replace(cfg.meta, shot=shot))
         meta_dir = out / f"meta-{shot}shot"
-        if overwrite or not is_finished(meta_dir, shot_cfg, "meta"):
+        if not reuse_finished(meta_dir, shot_cfg, "meta", overwrite=overwrite):
             meta_train(shot_cfg, pre_dir, meta_dir, overwrite=overwrite)
-        else:
-            _reusing(f"{shot}-shot meta-training", meta_dir)
         settings = [
             TestSetting(cfg.eval.split, way, shot, cfg.eval.query, cfg.eval.episodes, cfg.eval.seed)
             for way in cfg.eval.ways
@@ -66,11 +62,6 @@ def run_all(cfg: Config, out: Path, *, overwrite: bool = False) -> list[TestResu
         )
         print(f"report: {write_report(out)}")
     return results
-
-
-def _reusing(phase: str, run_dir: Path) -> None:
-    if dist.context().is_main:
-        note(f"{phase}: reusing the finished run in {run_dir} (same settings for this phase)")
 
 
 def ncm_reference(cfg: Config, pretrained: Path, results: list[TestResult]) -> list[np.ndarray]:
