@@ -102,13 +102,13 @@ def compare_runs(
 ) -> tuple[list[TestResult], list[tuple[float, float]]]:
     """Meta-test every run on the same episodes: (their results, and for each run but the last, the mean of
     run - last and its paired 95% CI)."""
+
+    def data(c: Config) -> tuple[str, str | None, bool]:
+        return c.data.dataset, c.data.scheme, c.data.rotations  # what decides the episodes
+
     first, first_cfg = runs[0]
     for run, c in runs[1:]:
-        if (c.data.dataset, c.data.scheme, c.data.rotations) != (
-            first_cfg.data.dataset,
-            first_cfg.data.scheme,
-            first_cfg.data.rotations,
-        ):
+        if data(c) != data(first_cfg):
             raise UserError(
                 f"{first} and {run} were trained on different data ({first_cfg.data.dataset} vs "
                 f"{c.data.dataset}); a paired comparison needs the same episodes"
