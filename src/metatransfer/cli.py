@@ -123,7 +123,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
     report = check_dataset(
         args.dataset,
-        args.root,
+        args.data_root,
         scheme=args.scheme,
         rotations=args.rotations,
         size=args.size,
@@ -172,13 +172,17 @@ def cmd_meta_test(args: argparse.Namespace) -> int:
 
 
 def _test_setting(args: argparse.Namespace, cfg: Config) -> TestSetting:
-    """The episodes `--split/--way/--shot/--query/--episodes/--seed` ask for; shot and seed default to the
-    run's (its meta-trained shot, and eval.seed: the report seed, not the one that chose the model)."""
+    """The episodes `--split/--way/--shot/--query/--episodes/--seed` ask for; split, shot and seed default
+    to the run's (eval.split, its meta-trained shot, and eval.seed: the report seed, not the one that chose
+    the model)."""
     from metatransfer.train.meta_test import TestSetting
 
+    # The run's eval.split, not a fixed "test": a config that evaluates on val (miniImageNet-32, whose
+    # test split is withheld) must work with the bare command.
+    split = args.split if args.split is not None else cfg.eval.split
     shot = args.shot if args.shot is not None else cfg.meta.shot
     seed = args.seed if args.seed is not None else cfg.eval.seed
-    return TestSetting(args.split, args.way, shot, args.query, args.episodes, seed)
+    return TestSetting(split, args.way, shot, args.query, args.episodes, seed)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -368,23 +372,39 @@ class _Version(argparse.Action):
         parser.exit()
 
 
-def _common_train_args(p: argparse.ArgumentParser, *, config_required: bool = True) -> None:
+def _common_train_args(
+    p: argparse.ArgumentParser,
+    *,
+    config_required: bool = True,
+    overwrite: bool = True,
+    tensorboard: bool = True,
+) -> None:
+    """The flags training commands share; `overwrite`/`tensorboard` False for a command that would ignore
+    them (a flag that is accepted and then ignored misleads more than an error does)."""
     p.add_argument("--config", required=config_required, help="YAML config file (see configs/)")
-    p.add_argument("--data-root", help="folder holding the dataset (or its parent, e.g. ../shared/data)")
+    p.add_argument(
+        "--data-root",
+        help="folder holding the dataset, or its parent, e.g. ../shared/data (default: the config's data.root)",
+    )
     p.add_argument("--out", help="run directory (default runs/<name>/<phase>)")
     p.add_argument(
-        "--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. meta.way=20"
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. meta.way=20; repeatable (default: none)",
     )
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace a finished run in --out (only files metatransfer wrote)",
-    )
-    p.add_argument(
-        "--tensorboard",
-        action="store_true",
-        help="also write TensorBoard scalars into each run directory (needs metatransfer[tensorboard])",
-    )
+    if overwrite:
+        p.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="replace a finished run in --out (only files metatransfer wrote)",
+        )
+    if tensorboard:
+        p.add_argument(
+            "--tensorboard",
+            action="store_true",
+            help="also write TensorBoard scalars into each run directory (needs metatransfer[tensorboard])",
+        )
 
 
 def _add_data_commands(sub: Any) -> None:
@@ -394,16 +414,24 @@ def _add_data_commands(sub: Any) -> None:
     data = sub.add_parser("data", help="dataset tools")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     p = data_sub.add_parser("check", help="decode every image, report bad files, build the cache")
-    p.add_argument("dataset")
-    p.add_argument("--root", help="the dataset's folder (not needed for glyphs)")
-    p.add_argument("--scheme", choices=choices(OmniglotScheme), help="omniglot: vinyals (default) or lake")
+    p.add_argument("dataset", help="a reader name (see mtl datasets)")
+    # --root was this flag's name before every command used --data-root; old scripts keep working.
+    p.add_argument(
+        "--data-root",
+        "--root",
+        dest="data_root",
+        help="the dataset's folder (default: none, which only glyphs accepts)",
+    )
+    p.add_argument(
+        "--scheme", choices=choices(OmniglotScheme), help="omniglot: vinyals or lake (default vinyals)"
+    )
     p.add_argument(
         "--rotations", action="store_true", help="omniglot vinyals: add 90-degree rotation classes"
     )
     p.add_argument(
         "--size",
         type=_number(ImageSize, "--size"),
-        help="image side in pixels for the cache (default: the reader's)",
+        help="image side in pixels for the cache (default: the reader's own size)",
     )
     p.add_argument("--cache-dir", help="cache folder (default $MTL_CACHE_DIR or ~/.cache/metatransfer)")
     p.set_defaults(func=cmd_data_check)
@@ -422,9 +450,14 @@ def _add_training_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_meta_train)
 
     p = sub.add_parser("meta-test", help="phase 3: accuracy with 95%% CI over few-shot episodes")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a meta-train run directory")
     _test_setting_args(p)
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key of the run's config")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a key of the run's config; repeatable (default: none)",
+    )
     p.set_defaults(func=cmd_meta_test)
 
     p = sub.add_parser(
@@ -433,7 +466,9 @@ def _add_training_commands(sub: Any) -> None:
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories; the last is the reference")
     _test_setting_args(p)
     p.add_argument(
-        "--curves", metavar="PNG", help="also draw the runs' val curves during meta-training, overlaid"
+        "--curves",
+        metavar="PNG",
+        help="also draw the runs' val curves during meta-training, overlaid (default: no figure)",
     )
     p.set_defaults(func=cmd_compare)
 
@@ -447,7 +482,7 @@ def _add_training_commands(sub: Any) -> None:
     p = sub.add_parser("ablate", help="every adaptation method on one backbone and identical episodes")
     _common_train_args(p)
     p.add_argument("--pretrained", required=True, help="phase-1 run directory (or its backbone.safetensors)")
-    p.add_argument("--methods", help="comma-separated subset (default: all)")
+    p.add_argument("--methods", help="comma-separated subset of the methods (default: all of them)")
     p.add_argument(
         "--split", choices=choices(Split), help="evaluation split (default: eval.split of the config)"
     )
@@ -467,7 +502,7 @@ def _add_training_commands(sub: Any) -> None:
         action="append",
         metavar="NAME=CONFIG",
         help="an extra meta-learned row trained with CONFIG's meta section, e.g. "
-        "'mtl (original code)=configs/mini-imagenet-32-original.yaml'",
+        "'mtl (original code)=configs/mini-imagenet-32-original.yaml'; repeatable (default: none)",
     )
     p.set_defaults(func=cmd_ablate)
 
@@ -475,7 +510,8 @@ def _add_training_commands(sub: Any) -> None:
         "tune-base-learner",
         help="choose the base learner's steps, lr and temperature on val selection episodes; report vs NCM",
     )
-    _common_train_args(p)
+    # It trains nothing and logs no curves: it writes only its own tables into --out.
+    _common_train_args(p, overwrite=False, tensorboard=False)
     p.add_argument("--pretrained", required=True, help="phase-1 run directory (or its backbone.safetensors)")
     p.add_argument(
         "--shots", type=_numbers(Shot, "--shots"), default=[1, 5], help="comma-separated (default 1,5)"
@@ -512,19 +548,28 @@ def _add_training_commands(sub: Any) -> None:
 
 
 def _test_setting_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--split", default="test", choices=choices(Split))
-    p.add_argument("--way", type=_number(Way, "--way"), default=5)
+    p.add_argument("--split", choices=choices(Split), help="split to test on (default: the run's eval.split)")
+    p.add_argument("--way", type=_number(Way, "--way"), default=5, help="classes per episode (default 5)")
     p.add_argument(
-        "--shot", type=_number(Shot, "--shot"), help="default: the shot the model was meta-trained for"
+        "--shot",
+        type=_number(Shot, "--shot"),
+        help="support images per class (default: the shot the model was meta-trained for)",
     )
-    p.add_argument("--query", type=_number(Shot, "--query"), default=15)
-    p.add_argument("--episodes", type=_number(Count, "--episodes"), default=600)
+    p.add_argument(
+        "--query", type=_number(Shot, "--query"), default=15, help="query images per class (default 15)"
+    )
+    p.add_argument(
+        "--episodes", type=_number(Count, "--episodes"), default=600, help="episodes to average (default 600)"
+    )
     p.add_argument(
         "--seed",
         type=_number(Seed, "--seed"),
         help="episode seed (default: the run's eval.seed, the report seed)",
     )
-    p.add_argument("--data-root", help="where the dataset is now, if not where it was at training")
+    p.add_argument(
+        "--data-root",
+        help="where the dataset is now, if not where it was at training (default: the run's data.root)",
+    )
 
 
 def _add_model_commands(sub: Any) -> None:
@@ -563,20 +608,95 @@ def _add_model_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_info)
 
 
+DEBUG_HELP = "show Python tracebacks for errors"
+
+# How `mtl --help` lists the commands. A command missing here still works and is listed under "other
+# commands", so a new command is never hidden by forgetting this table.
+COMMAND_GROUPS = {
+    "workflow": [
+        "run",
+        "pretrain",
+        "meta-train",
+        "meta-test",
+        "predict",
+        "export",
+        "models",
+        "info",
+        "report",
+    ],
+    "analysis": ["ablate", "compare", "compare-ht", "tune-base-learner"],
+    "data": ["datasets", "data"],
+}
+
+EPILOG = """\
+the usual workflow:
+  mtl predict mini-imagenet-32-5shot --support DIR --query DIR   a shipped model on your images (mtl models)
+  mtl run --config configs/omniglot.yaml --data-root DATA        train: all three phases, summary table
+  mtl meta-test runs/omniglot/run/meta-1shot --episodes 2000     more episodes on a trained run
+  mtl export runs/omniglot/run/meta-1shot --out omniglot.mtl     one portable file of your model
+  mtl predict omniglot.mtl --support DIR --query DIR             your model on your images
+
+--debug and --quiet may come before or after the command. mtl COMMAND --help shows its flags."""
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> list[argparse._SubParsersAction]:
+    return [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+
+
+def _accept_anywhere(parser: argparse.ArgumentParser) -> None:
+    """Give every (sub)command --debug and --quiet, so `mtl run --quiet` works as `mtl --quiet run` does.
+    SUPPRESS keeps a subcommand from resetting a value the top level already parsed."""
+    for action in _subparsers(parser):
+        for command in action.choices.values():
+            flags = {s for a in command._actions for s in a.option_strings}
+            if "--debug" not in flags:
+                command.add_argument(
+                    "--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP
+                )
+            if "--quiet" not in flags:
+                command.add_argument(
+                    "-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=QUIET_HELP
+                )
+            _accept_anywhere(command)
+
+
+def _group_commands(parser: argparse.ArgumentParser, sub: argparse._SubParsersAction) -> None:
+    """List the commands in `mtl --help` under COMMAND_GROUPS' headings instead of one flat list.
+
+    argparse shows a subparsers action as one block; its per-command entries (`_choices_actions`) are
+    moved into argument groups of their own, and the block itself is hidden (usage names COMMAND)."""
+    entries = {a.dest: a for a in sub._choices_actions}
+    grouped = {name for names in COMMAND_GROUPS.values() for name in names}
+    groups = dict(COMMAND_GROUPS)
+    others = [name for name in entries if name not in grouped]
+    if others:
+        groups["other"] = others
+    for title, names in groups.items():
+        present = [entries[n] for n in names if n in entries]
+        if present:
+            group = parser.add_argument_group(f"{title} commands")
+            group._group_actions.extend(present)
+    sub.help = argparse.SUPPRESS
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="mtl", description="Meta-Transfer Learning for few-shot classification")
-    parser.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
+    parser = _Parser(
+        prog="mtl",
+        description="Meta-Transfer Learning for few-shot classification",
+        usage="mtl [-h] [--version] [--debug] [-q] COMMAND ...",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     parser.add_argument("--version", action=_Version)
     parser.add_argument("-q", "--quiet", action="store_true", help=QUIET_HELP)
-    sub = parser.add_subparsers(dest="command", required=True)
+    # prog: argparse would otherwise build each command's usage from the custom usage line above.
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", prog="mtl")
     _add_data_commands(sub)
     _add_training_commands(sub)
     _add_model_commands(sub)
-    for command in sub.choices.values():  # `mtl run --quiet ...` as well as `mtl --quiet run ...`
-        if not any("--quiet" in a.option_strings for a in command._actions):
-            command.add_argument(
-                "-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=QUIET_HELP
-            )
+    _accept_anywhere(parser)
+    _group_commands(parser, sub)
     return parser
 
 
@@ -588,13 +708,13 @@ def _fail(message: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `mtl` with `argv` (default: the command line) and return its exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv[:1]
     try:
         args = build_parser().parse_args(argv)
     except UserError as exc:
         return _fail(str(exc))
     except SystemExit as exc:  # --help and --version exit 0 from inside argparse
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
+    debug = args.debug
     handler: Handler = args.func
     from metatransfer import progress
     from metatransfer.device import keep_freed_memory

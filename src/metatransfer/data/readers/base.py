@@ -194,13 +194,15 @@ class Reader(ABC):
             )
         if root is None:
             if self.needs_root:
-                raise DataError(f"dataset '{self.name}' needs a root folder ({self.layout}); set data.root")
+                raise DataError(
+                    f"dataset '{self.name}' needs a root folder ({self.layout}); pass --data-root (data.root in a config)"
+                )
             self.root = Path(".")
         else:
             self.root = Path(root).expanduser().resolve()  # canonical keys: one cache entry from any cwd
             if self.needs_root and not self.root.is_dir():
                 raise DataError(
-                    f"dataset root {self.root} does not exist or is not a folder; pass the dataset folder (--root or data.root)"
+                    f"dataset root {self.root} does not exist or is not a folder; pass the dataset folder with --data-root (data.root in a config)"
                 )
 
     @abstractmethod
