@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # 2 cores: keep torch from oversubscribing when pytest runs.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,8 +25,13 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy
 
+# The reference pages are generated from the code first, so the site never shows stale flags or keys.
+docs: $(STAMP)
+	$(BIN)/python -m metatransfer.docgen
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py --out benchmarks/results
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) runs site .pytest_cache .mypy_cache .ruff_cache

@@ -31,6 +31,7 @@ Schedule = Literal["cosine", "step"]
 Head = Literal["linear", "cosine"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Method = Literal["mtl", "ss-last", "ft-last", "ft-theta"]
+SS_METHODS: tuple[Method, ...] = ("mtl", "ss-last")  # the methods that put SS convolutions on the backbone
 BatchNormMode = Literal["frozen", "train", "batch"]
 ClassifierInit = Literal["zero", "proto"]
 Granularity = Literal["filter", "kernel"]
@@ -149,12 +150,12 @@ class ModelConfig:
 
 @dataclass
 class AugmentConfig:
-    enabled: bool = True
+    enabled: bool = True  # augment pre-training batches (random-resized crop, flip, colour jitter)
     # random-resized-crop area range (min, max), fractions of the image
     crop_scale: Annotated[list[Annotated[float, Range(0, 1, low_open=True)]], Length(2, 2), Ascending()] = (
         field(default_factory=lambda: [0.35, 1.0])
     )
-    flip: bool = True
+    flip: bool = True  # random horizontal flip
     # brightness/contrast/saturation strength (RGB only): factors in [1 - x, 1 + x]
     color_jitter: Annotated[float, Range(0, 1, high_open=True)] = 0.4
 
@@ -163,21 +164,22 @@ class AugmentConfig:
 class PretrainConfig:
     """Phase 1: supervised training of backbone + linear classifier on all train-split classes."""
 
-    epochs: Annotated[int, Range(1, 100_000)] = 30
-    batch_size: Annotated[int, Range(1, 65_536)] = 128
+    epochs: Annotated[int, Range(1, 100_000)] = 30  # passes over the train split (or images_per_epoch)
+    batch_size: Annotated[int, Range(1, 65_536)] = 128  # images per SGD step
     images_per_epoch: Count | None = None  # None = the whole train split each epoch
-    lr: LearningRate = 0.1
-    momentum: Annotated[float, Range(0, 1, high_open=True)] = 0.9
-    nesterov: bool = True
-    weight_decay: Fraction = 5e-4
+    lr: LearningRate = 0.1  # SGD learning rate at the start of the schedule
+    momentum: Annotated[float, Range(0, 1, high_open=True)] = 0.9  # SGD momentum
+    nesterov: bool = True  # Nesterov momentum
+    weight_decay: Fraction = 5e-4  # L2 penalty of SGD
     schedule: Schedule = "cosine"  # "cosine" or "step"
     step_size: Annotated[int, Range(1, 100_000)] = 10  # epochs between decays ("step")
     gamma: Annotated[float, Range(0, 1, low_open=True)] = 0.1  # decay factor ("step")
-    warmup_epochs: Annotated[int, Range(0, 100_000)] = 0
-    label_smoothing: Annotated[float, Range(0, 1, high_open=True)] = 0.0
+    warmup_epochs: Annotated[int, Range(0, 100_000)] = 0  # epochs of linear learning-rate warm-up
+    label_smoothing: Annotated[float, Range(0, 1, high_open=True)] = 0.0  # of the cross-entropy targets
     head: Head = "linear"  # "linear" (paper) or "cosine" (normalised features and weights, learned scale)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     val_episodes: Count = 200  # fixed 5-way val episodes per epoch, nearest class mean (cosine)
+    # shots of the per-epoch val episodes
     val_shots: Annotated[list[Shot], Length(1, 16)] = field(default_factory=lambda: [1, 5])
 
 
@@ -185,7 +187,7 @@ class PretrainConfig:
 class HTConfig:
     """Hard-task meta-batches (the paper's HT): re-learn tasks made of the failure classes."""
 
-    enabled: bool = False
+    enabled: bool = False  # add hard tasks to meta-training
     tasks_per_batch: Annotated[int, Range(1, 10_000)] = 1  # hard tasks built after each meta-batch
     start_after: Annotated[int, Range(0, 1_000_000_000)] = 0  # ordinary tasks seen before hard tasks begin
     # 1: after each meta-batch, hard tasks of its own failure classes, hardest first. k > 1 (the paper's
@@ -199,9 +201,9 @@ class MetaConfig:
     """Phase 2: meta-transfer learning of the SS parameters Phi and the classifier initialisation theta."""
 
     method: Method = "mtl"  # mtl (SS all layers), ss-last, ft-last, ft-theta; see `mtl ablate`
-    way: Way = 5
-    shot: Shot = 1
-    query: Shot = 15
+    way: Way = 5  # classes per meta-training task
+    shot: Shot = 1  # support images per class in meta-training (and meta-test's default)
+    query: Shot = 15  # query images per class in meta-training
     meta_batch: Annotated[int, Range(1, 4096)] = 2  # tasks per outer update
     tasks: Count = 2000  # ordinary meta-training tasks in total
     inner_steps: InnerSteps = 20  # base-learner steps per task while meta-training
@@ -210,32 +212,39 @@ class MetaConfig:
     lr_ss: Annotated[float, Range(0, 100)] = 1e-3  # gamma_1, for Phi (scale and shift); 0 freezes Phi
     # gamma_2, for theta's initialisation (small: rows are exchangeable, see README); 0 freezes theta
     lr_theta: Annotated[float, Range(0, 100)] = 1e-4
+    # factor on lr_ss and lr_theta every lr_decay_every tasks
     lr_decay: Annotated[float, Range(0, 1, low_open=True)] = 0.5
     lr_decay_every: Count = 1000  # tasks
     first_order: bool = True  # the original code's first-order outer gradient; False = exact
     # BatchNorm in meta-training: "frozen" (phase-1 statistics and affine), "train" (phase-1 statistics,
     # affine meta-learned), "batch" (batch statistics and affine meta-learned, as the original code;
-    # running statistics keep updating, and meta-test uses them).
+    # running statistics keep updating, and meta-test uses them). With "batch" the convs feeding BN get
+    # no SS shift (BN subtracts it) and a per-filter scale is refused (BN divides it out).
     bn: BatchNormMode = "frozen"
+    # bn "batch": after meta-training, re-estimate the kept model's BN running statistics as plain
+    # averages over this many batches of train-split images, without augmentation ("precise BN"); 0 = off
+    bn_recalibrate: Annotated[int, Range(0, 1_000_000)] = 0
     ss_granularity: Granularity = "filter"  # "filter" (paper) or "kernel" (original PyTorch code)
     normalize_features: bool = True  # L2-normalise features before the linear base learner
     # Where each task's classifier starts: "zero" (theta alone, the paper) or "proto" (theta plus the
     # support set's nearest-class-mean classifier, Proto-MAML: step 0 is NCM, the inner loop refines it).
     classifier_init: ClassifierInit = "zero"
     temperature: Temperature = 10.0  # logit scale for normalised features
-    augment: bool = False
+    augment: bool = False  # augment the support and query images of meta-training tasks
     val_every: Count = 500  # tasks between validations
+    # val episodes per validation (selection seed), which choose the kept checkpoint
     val_episodes: Count = 200
     ht: HTConfig = field(default_factory=HTConfig)
 
 
 @dataclass
 class EvalConfig:
-    split: Split = "test"
-    ways: Annotated[list[Way], Length(1, 16)] = field(default_factory=lambda: [5])
+    split: Split = "test"  # split of the reported episodes (and of meta-test and compare by default)
+    ways: Annotated[list[Way], Length(1, 16)] = field(default_factory=lambda: [5])  # ways reported by mtl run
+    # shots reported by mtl run (one meta-training per shot)
     shots: Annotated[list[Shot], Length(1, 16)] = field(default_factory=lambda: [1, 5])
-    query: Shot = 15
-    episodes: Count = 600
+    query: Shot = 15  # query images per class in reported episodes
+    episodes: Count = 600  # reported episodes per setting (the 95% CI shrinks as 1/sqrt(episodes))
     seed: Seed = 0  # reported episodes depend only on this seed (not on the training seed)
     # Episodes that choose anything (pre-training epoch, meta checkpoint, update-theta's grid, sweeps)
     # come from this other seed, so no reported number is computed on episodes that selected it.
@@ -253,11 +262,11 @@ class LoggingConfig:
 
 @dataclass
 class Config:
-    name: str = "run"
-    seed: Seed = 0
+    name: str = "run"  # names the default output folder, runs/<name>/<phase>
+    seed: Seed = 0  # training randomness (initialisation, batches, tasks); episodes use eval.seed
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     precision: Precision = "auto"  # "auto" (bf16 on CPUs with bf16, fp16 AMP on CUDA), "fp32", "bf16", "fp16"
-    channels_last: bool = True
+    channels_last: bool = True  # NHWC memory format for convolutions (faster on CPU and recent GPUs)
     threads: Annotated[int, Range(0, 4096)] = 0  # torch intra-op threads on CPU (0 = leave torch's default)
     # torch.compile the backbone's meta-training forward+backward: fuses SS, BatchNorm and activations
     # (about 1.5x more tasks/s for ResNet-12 at 84 px on a CPU) for a one-time cost of about a minute.
@@ -473,6 +482,17 @@ def _check_combinations(cfg: Config) -> None:
         raise ConfigError(
             "config key 'pretrain.momentum' is 0, but pretrain.nesterov needs momentum; "
             "raise it or set pretrain.nesterov: false"
+        )
+    m = cfg.meta
+    if m.bn == "batch" and m.ss_granularity == "filter" and m.method in SS_METHODS:
+        raise ConfigError(
+            "meta.ss_granularity 'filter' with meta.bn 'batch' would learn nothing: BN's batch statistics "
+            "divide out a per-filter scale; use ss_granularity: kernel, or bn: frozen or train"
+        )
+    if m.bn_recalibrate and m.bn != "batch":
+        raise ConfigError(
+            f"meta.bn_recalibrate re-estimates the statistics of meta.bn 'batch'; with bn '{m.bn}' meta-training "
+            "used the phase-1 statistics, so set bn_recalibrate: 0"
         )
 
 
