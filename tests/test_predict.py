@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,16 +14,19 @@ import torch
 from PIL import Image
 from torch import nn
 
+import metatransfer
+from metatransfer import predict
 from metatransfer.cli import main
 from metatransfer.config import Config, MetaConfig, to_yaml
 from metatransfer.data.preprocess import Preprocess
 from metatransfer.errors import UserError
 from metatransfer.models.backbones import create_backbone
-from metatransfer.models.meta_learner import MetaLearner, prepare_backbone
+from metatransfer.models.meta_learner import MetaLearner, inner_loop, prepare_backbone
 from metatransfer.models.model_files import EXPORT_FORMAT, MODEL_FILE, save_meta_model
 from metatransfer.models.scale_shift import SSConv2d
 from metatransfer.predict import export_model, load
 from metatransfer.runs import CONFIG_FILE, load_weights
+from metatransfer.train.evaluate import classify, fit_linear
 
 CLASSES = ["ant", "bee", "cat", "dog", "eel"]
 
@@ -294,3 +299,85 @@ def test_api_errors(run: Path, episode: tuple[Path, Path], tmp_path: Path) -> No
         load(tmp_path)
     with pytest.raises(UserError, match="'precision' is 'fp8'; choose one of auto"):
         load(run, precision="fp8")
+
+
+def test_repr_names_the_model_classes_and_device(run: Path, episode: tuple[Path, Path]) -> None:
+    learner = load(run, device="cpu")
+    assert repr(learner).startswith(f"FewShotLearner(model={str(run)!r}, classes=none (call fit)")
+    learner.fit(*support_set(episode[0]))
+    text = repr(learner)
+    assert "classes=['ant', 'bee', 'cat', 'dog', 'eel'] (5)" in text
+    assert "device='cpu'" in text and "precision='fp32'" in text and "image_size=28" in text
+    assert learner.classes_ is learner.classes and learner.classes_ == CLASSES
+
+
+def test_fit_adapts_once_and_predictions_reuse_it(
+    run: Path, episode: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    support, query = episode
+    calls = []
+
+    def counted(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(1)
+        return fit_linear(*args, **kwargs)
+
+    monkeypatch.setattr(predict, "fit_linear", counted)
+    learner = load(run).fit(*support_set(support))
+    queries, labels = support_set(query)
+    proba = learner.predict_proba(queries)
+    learner.predict(queries)
+    learner.score(queries, labels)
+    assert len(calls) == 1
+    # The kept classifier scores exactly as meta-test's classify, which adapts on every call.
+    paths, names = support_set(support)
+    xs = learner.features(learner.to_arrays(paths))
+    ys = torch.tensor([CLASSES.index(n) for n in names])  # paths are sorted by class already
+    xq = learner.features(learner.to_arrays(queries))
+    loop = inner_loop(learner.meta, test=True)
+    scores = classify(xs[None], ys[None], xq[None], 5, "linear", loop, learner.model.frozen_init(5))
+    np.testing.assert_allclose(proba, torch.softmax(scores[0], -1).numpy(), atol=1e-6)
+
+
+def test_score_is_accuracy(run: Path, episode: tuple[Path, Path]) -> None:
+    support, query = episode
+    learner = load(run).fit(*support_set(support))
+    queries, labels = support_set(query)
+    predicted = learner.predict(queries)
+    expected = np.mean([p == y for p, y in zip(predicted, labels, strict=True)])
+    assert learner.score(queries, labels) == pytest.approx(expected)
+    wrong = [
+        CLASSES[(CLASSES.index(p) + 1) % 5] for p in predicted
+    ]  # every label differs from its prediction
+    assert learner.score(queries, wrong) == 0.0
+    with pytest.raises(ValueError, match="label 'cow', not one of the classes"):
+        learner.score(queries[:1], ["cow"])
+    with pytest.raises(ValueError, match="2 images and 1 labels"):
+        learner.score(queries[:2], labels[:1])
+
+
+def test_bad_input_errors_are_value_or_type_errors(run: Path) -> None:
+    learner = load(run)
+    image = np.zeros((28, 28), np.uint8)
+    with pytest.raises(metatransfer.NotFittedError) as not_fitted:
+        learner.predict([image])
+    assert isinstance(not_fitted.value, ValueError) and isinstance(not_fitted.value, AttributeError)
+    for call, kind in (
+        (lambda: learner.fit([image, image], ["x", "x"]), ValueError),
+        (lambda: learner.fit([image * 1.0 + 2, image], ["x", "y"]), ValueError),
+        (lambda: learner.fit([np.zeros((28, 28, 7, 2)), image], ["x", "y"]), ValueError),
+        (lambda: learner.fit([image.astype(np.int32), image], ["x", "y"]), TypeError),
+        (lambda: learner.fit([object(), image], ["x", "y"]), TypeError),
+        (lambda: learner.fit("x.png", ["x"]), TypeError),
+    ):
+        with pytest.raises(kind) as caught:
+            call()
+        assert isinstance(caught.value, metatransfer.UserError)
+    for name in metatransfer.__all__:  # every error a caller may catch is importable from the package
+        assert hasattr(metatransfer, name), name
+    assert issubclass(metatransfer.ModelFileError, metatransfer.UserError)
+
+
+def test_load_defaults_to_device_auto(run: Path) -> None:
+    assert inspect.signature(load).parameters["device"].default == "auto"
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert load(run).runtime.device.type == expected

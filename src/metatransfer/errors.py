@@ -1,4 +1,8 @@
-"""Exceptions that mean "the user can fix this": the CLI prints them as one line and exits 2."""
+"""Exceptions that mean "the user can fix this": the CLI prints them as one line and exits 2.
+
+All are `UserError`s, exported from `metatransfer`. Those about a bad argument to the Python API are
+also `ValueError` or `TypeError`, so code written against the standard exceptions catches them.
+"""
 
 
 class UserError(Exception):
@@ -15,6 +19,30 @@ class ConfigError(UserError):
 
 class TrainingError(UserError):
     """Training cannot go on (e.g. a non-finite loss); the message names the step."""
+
+
+class InputError(UserError, ValueError):
+    """A value given to the Python API is wrong (a shape, a pixel range, a label count, a label)."""
+
+
+class InputTypeError(UserError, TypeError):
+    """A value given to the Python API has a type it does not accept (e.g. a bare image for a list)."""
+
+
+class NotFittedError(UserError, ValueError, AttributeError):
+    """A learner was asked to predict before `fit`; ValueError and AttributeError as in scikit-learn."""
+
+
+class ModelFileError(UserError):
+    """A model file is not one metatransfer can use; the message names the file and the problem."""
+
+
+class ChecksumError(ModelFileError):
+    """A shipped model's file does not have the sha256 its registry records (corrupt or replaced)."""
+
+
+class UnknownModelError(UserError, ValueError):
+    """A model name that is neither a shipped model nor an existing path; the message lists the names."""
 
 
 class FileError(UserError, OSError):

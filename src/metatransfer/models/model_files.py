@@ -32,7 +32,7 @@ from torch import nn
 
 from metatransfer.config import Config, MetaConfig, meta_config, short
 from metatransfer.data.preprocess import Preprocess
-from metatransfer.errors import UserError
+from metatransfer.errors import ModelFileError, UserError
 from metatransfer.models.backbones import create_backbone
 from metatransfer.models.meta_learner import MetaLearner, prepare_backbone
 from metatransfer.runs import load_weights, save_weights
@@ -43,10 +43,6 @@ EXPORT_FORMAT = "metatransfer-model"  # metadata "format" of an exported file
 EXPORT_VERSION = 1  # bump when the exported layout changes; loading refuses newer versions
 
 Kind = Literal["backbone", "meta", "export"]
-
-
-class ModelFileError(UserError):
-    """A model file is not one metatransfer can use; the message names the file and the problem."""
 
 
 @dataclass
@@ -92,9 +88,11 @@ def save_meta_model(path: Path, learner: MetaLearner, cfg: Config, pre: Preproce
     save_weights(path, learner.state_dict(), model_metadata(cfg, pre, cfg.meta, extra))
 
 
-def export_metadata(info: dict[str, str], precision: str) -> dict[str, str]:
-    """A meta model's metadata marked as an export (`format`, `format_version`) with its meta-test precision."""
-    return {**info, "format": EXPORT_FORMAT, "format_version": str(EXPORT_VERSION), "precision": precision}
+def export_metadata(info: dict[str, str], precision: str, storage: str = "fp32") -> dict[str, str]:
+    """A meta model's metadata marked as an export (`format`, `format_version`) with its meta-test precision
+    and the float type its tensors are stored in (`storage`: fp32, or fp16 to halve the file)."""
+    marks = {"format": EXPORT_FORMAT, "format_version": str(EXPORT_VERSION), "precision": precision}
+    return {**info, **marks, "storage": storage}
 
 
 # --- reading ---------------------------------------------------------------------------------------------
@@ -164,6 +162,7 @@ def _check_version(path: Path, info: dict[str, str]) -> None:
 def _rebuild(path: Path, kind: Kind, tensors: dict[str, torch.Tensor], info: dict[str, str]) -> ModelFile:
     if kind == "export":
         _check_version(path, info)
+        tensors = _from_storage(path, tensors, info)
     try:
         pre = Preprocess.from_json(_field(path, info, "preprocess"))
     except (ValueError, TypeError) as exc:
@@ -180,6 +179,17 @@ def _rebuild(path: Path, kind: Kind, tensors: dict[str, torch.Tensor], info: dic
     module = _assemble(kind, create_backbone(name, pre.channels, **args), meta, tensors)
     module.load_state_dict(tensors)
     return ModelFile(path, kind, module.eval(), pre, meta, info)
+
+
+def _from_storage(path: Path, tensors: dict[str, torch.Tensor], info: dict[str, str]) -> dict[str, torch.Tensor]:
+    """An export stored in fp16 (metadata `storage`, see `export_metadata`) -> its fp32 tensors; the
+    model always computes in fp32 (or its runtime's autocast), only the file is halved."""
+    storage = info.get("storage", "fp32")
+    if storage == "fp32":
+        return tensors
+    if storage != "fp16":
+        raise ModelFileError(f"{path}: metadata 'storage' is {short(storage)}; expected fp32 or fp16")
+    return {k: t.float() if t.dtype == torch.float16 else t for k, t in tensors.items()}
 
 
 def _assemble(

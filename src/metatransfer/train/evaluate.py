@@ -99,15 +99,29 @@ def classify(
     if method == "linear":
         if loop is None:
             raise ValueError("method 'linear' needs an InnerLoop")
-        t, d = xs.shape[0], xs.shape[2]
-        if init is None:
-            w0 = torch.zeros(t, way, d, device=xs.device)
-            b0 = torch.zeros(t, way, device=xs.device)
-        else:
-            w0, b0 = init[0].expand(t, -1, -1), init[1].expand(t, -1)
-        w, b = adapt(prepare(xs, loop), ys, w0, b0, loop)
+        w, b = fit_linear(xs, ys, way, loop, init)
         return logits(prepare(xq, loop), w, b, loop)
     raise ValueError(f"unknown classification method {method!r}; use 'ncm' or 'linear'")
+
+
+def fit_linear(
+    xs: torch.Tensor,
+    ys: torch.Tensor,
+    way: int,
+    loop: InnerLoop,
+    init: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The base learner adapted on support xs [T, ns, d], ys [T, ns] by `loop` from `init` (zeros if None):
+    weights [T, way, d] and bias [T, way]; score queries with `logits(prepare(xq, loop), w, b, loop)`.
+
+    Split from `classify` so a caller that classifies many query batches adapts once (`FewShotLearner`)."""
+    t, d = xs.shape[0], xs.shape[2]
+    if init is None:
+        w0 = torch.zeros(t, way, d, device=xs.device)
+        b0 = torch.zeros(t, way, device=xs.device)
+    else:
+        w0, b0 = init[0].expand(t, -1, -1), init[1].expand(t, -1)
+    return adapt(prepare(xs, loop), ys, w0, b0, loop)
 
 
 @torch.no_grad()
