@@ -290,3 +290,13 @@ def test_eval_mode_restores_training_mode() -> None:
     with pytest.raises(RuntimeError), eval_mode(net):
         raise RuntimeError("boom")
     assert net.training  # restored even when the body raises
+
+
+def test_per_filter_scale_with_batch_statistics_is_refused() -> None:
+    # BN with batch statistics divides a per-filter scale out: SS would learn nothing.
+    with pytest.raises(ConfigError, match="ss_granularity 'filter' with meta.bn 'batch'") as info:
+        build_config([], ["meta.bn=batch"])
+    assert "\n" not in str(info.value)
+    build_config([], ["meta.bn=batch", "meta.ss_granularity=kernel"])
+    build_config([], ["meta.bn=train"])  # running statistics: the per-filter scale acts
+    build_config([], ["meta.bn=batch", "meta.method=ft-last"])  # no SS: the granularity is unused

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metatransfer.config import MetaConfig
 from metatransfer.errors import ConfigError
 from metatransfer.models import (
     SSConv2d,
@@ -19,6 +20,7 @@ from metatransfer.models import (
     fold_ss,
     ss_parameters,
 )
+from metatransfer.models.meta_learner import prepare_backbone
 
 TINY: dict[str, dict[str, object]] = {
     "conv4": {"hidden": 8},
@@ -272,3 +274,66 @@ def test_small_scale_changes_stay_visible_under_bf16(granularity: str, grad: boo
     moved = after - before
     assert moved.abs().mean() > 0.5 * expected.abs().mean()
     torch.testing.assert_close(moved, expected, atol=0.02 * float(expected.abs().max()), rtol=0.1)
+
+
+def _convs_feeding_batch_norm(net: nn.Module, x: torch.Tensor) -> set[str]:
+    """Names of the convs whose output tensor is a BatchNorm's input, found by running `net` (dataflow,
+    not module order)."""
+    produced: dict[int, str] = {}
+    outputs: list[torch.Tensor] = []  # kept alive, so no id is reused during the forward
+    fed: set[str] = set()
+
+    def conv_hook(name: str) -> object:
+        def hook(module: nn.Module, inputs: object, out: torch.Tensor) -> None:
+            outputs.append(out)
+            produced[id(out)] = name
+
+        return hook
+
+    def bn_hook(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        if id(inputs[0]) in produced:
+            fed.add(produced[id(inputs[0])])
+
+    handles = []
+    for name, m in net.named_modules():
+        if isinstance(m, nn.Conv2d | SSConv2d):
+            handles.append(m.register_forward_hook(conv_hook(name)))  # type: ignore[arg-type]
+        elif isinstance(m, nn.BatchNorm2d):
+            handles.append(m.register_forward_pre_hook(bn_hook))
+    with torch.no_grad():
+        net(x)
+    for h in handles:
+        h.remove()
+    return fed
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+@pytest.mark.parametrize("bn", ["frozen", "train", "batch"])
+@pytest.mark.parametrize("method", ["mtl", "ss-last"])
+def test_no_shift_feeds_a_batch_statistics_bn(name: str, bn: str, method: str) -> None:
+    # A BN that normalises with its batch's statistics subtracts the batch mean, so a shift before it
+    # is removed exactly: it gets no parameter. Frozen or train-mode BN (running statistics) keeps it.
+    net = pretrained(name)
+    prepare_backbone(net, MetaConfig(method=method, bn=bn, ss_granularity="kernel"))  # type: ignore[arg-type]
+    fed = _convs_feeding_batch_norm(net.eval(), images())
+    converted = {n: m for n, m in net.named_modules() if isinstance(m, SSConv2d)}
+    assert converted and set(converted) <= fed  # every conv of these backbones feeds a BN
+    for n, m in converted.items():
+        assert (m.shift is None) == (bn == "batch"), n
+    shifts = [n for n, p in net.named_parameters() if n.endswith("shift") and p.requires_grad]
+    assert (not shifts) if bn == "batch" else len(shifts) == len(converted)
+    if bn == "batch":
+        assert "SS shift 0," in describe_trainable(net)
+
+
+def test_a_batch_statistics_bn_makes_the_shift_dead() -> None:
+    # Why the shift goes: in train mode BN's output does not depend on it at all.
+    net = convert_to_ss(pretrained("conv4")).train()
+    x = images()
+    before = net(x)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, SSConv2d):
+                assert m.shift is not None
+                m.shift.normal_()
+    torch.testing.assert_close(net(x), before, atol=1e-5, rtol=1e-5)

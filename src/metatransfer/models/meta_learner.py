@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from metatransfer.config import MetaConfig
+from metatransfer.config import SS_METHODS, MetaConfig
 from metatransfer.models.base_learner import InnerLoop
 from metatransfer.models.scale_shift import Layers, convert_to_ss, last_stage_prefix
 
@@ -50,9 +50,15 @@ def prepare_backbone(backbone: nn.Module, meta: MetaConfig) -> list[nn.Parameter
     meta-learned (parameter-level fine-tuning); ft-theta: backbone frozen, only theta is meta-learned.
     """
     train_bn = meta.bn in ("train", "batch")
-    if meta.method in ("mtl", "ss-last"):
+    if meta.method in SS_METHODS:
         layers: Layers = "all" if meta.method == "mtl" else "last"
-        convert_to_ss(backbone, layers=layers, granularity=meta.ss_granularity, train_bn=train_bn)
+        convert_to_ss(
+            backbone,
+            layers=layers,
+            granularity=meta.ss_granularity,
+            train_bn=train_bn,
+            batch_stats=meta.bn == "batch",
+        )
     else:
         backbone.requires_grad_(False)
         if meta.method == "ft-last":

@@ -5,11 +5,16 @@ Each selected convolution ``W X + b`` becomes ``(W ⊙ Φ_S1) X + (b + Φ_S2)``:
 shift Φ_S2 (one per output channel) at 0, so a freshly converted network computes exactly what the
 pre-trained one did. Φ are ordinary ``nn.Parameter``s, so ``torch.func.functional_call`` can swap
 them for fast weights in an inner loop.
+
+A conv whose output feeds a BatchNorm that normalises with its batch's statistics gets no shift: BN
+subtracts the batch mean, so the shift would be removed exactly and never learn (its gradient is
+rounding noise). A BN with fixed running statistics keeps it, since there the shift acts.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
@@ -25,6 +30,7 @@ __all__ = [
     "convert_to_ss",
     "count_trainable",
     "describe_trainable",
+    "drop_dead_shifts",
     "fold_ss",
     "last_stage_prefix",
     "ss_parameters",
@@ -53,13 +59,15 @@ class SSConv2d(nn.Module):
     Buffers: ``weight`` ``[out, in/groups, kh, kw]`` and ``bias`` ``[out]`` (zeros when the wrapped conv
     had none, so the shift always has somewhere to go). Parameters: ``scale`` ``[out, 1, 1, 1]``
     (granularity "filter") or ``[out, in/groups, 1, 1]`` ("kernel"), initialised to 1; ``shift``
-    ``[out]``, initialised to 0. ``forward``: ``[B, in, H, W] -> [B, out, H', W']`` like the conv.
+    ``[out]``, initialised to 0, or None when ``shift=False`` (the conv feeds a batch-statistics BN).
+    ``forward``: ``[B, in, H, W] -> [B, out, H', W']`` like the conv.
     """
 
     weight: Tensor
     bias: Tensor
+    shift: nn.Parameter | None
 
-    def __init__(self, conv: nn.Conv2d, granularity: Granularity = "filter") -> None:
+    def __init__(self, conv: nn.Conv2d, granularity: Granularity = "filter", shift: bool = True) -> None:
         super().__init__()
         if conv.padding_mode != "zeros":
             raise ValueError(f"SSConv2d supports padding_mode='zeros' only, got {conv.padding_mode!r}")
@@ -79,15 +87,15 @@ class SSConv2d(nn.Module):
         self.register_buffer("bias", bias)
         scale_shape = (self.out_channels, 1 if granularity == "filter" else weight.shape[1], 1, 1)
         self.scale = nn.Parameter(weight.new_ones(scale_shape))
-        self.shift = nn.Parameter(weight.new_zeros(self.out_channels))
+        self.register_parameter("shift", nn.Parameter(weight.new_zeros(self.out_channels)) if shift else None)
 
     def effective_weight(self) -> Tensor:
         """``W ⊙ Φ_S1``, ``[out, in/groups, kh, kw]``."""
         return self.weight * self.scale
 
     def effective_bias(self) -> Tensor:
-        """``b + Φ_S2``, ``[out]``."""
-        return self.bias + self.shift
+        """``b + Φ_S2`` (``b`` without a shift), ``[out]``."""
+        return self.bias if self.shift is None else self.bias + self.shift
 
     def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
@@ -137,7 +145,7 @@ class SSConv2d(nn.Module):
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
             f"stride={self.stride}, padding={self.padding}, groups={self.groups}, "
-            f"granularity={self.granularity!r}"
+            f"granularity={self.granularity!r}" + ("" if self.shift is not None else ", shift=False")
         )
 
 
@@ -170,14 +178,39 @@ def _in_scope(name: str, prefix: str) -> bool:
     return not prefix or name == prefix or name.startswith(prefix + ".")
 
 
+def _batch_norm_after(model: nn.Module) -> dict[str, str]:
+    """Conv name -> name of the BatchNorm that normalises its output.
+
+    Read from module order: a conv's output feeds the BN registered right after it over as many
+    channels, as every backbone in ``metatransfer.models.backbones`` builds its conv-BN pairs
+    (test_models_scale_shift checks this against the forward pass).
+    """
+    leaves = [(n, m) for n, m in model.named_modules() if not any(True for _ in m.children())]
+    pairs = {}
+    for (name, conv), (bn_name, bn) in zip(leaves, leaves[1:], strict=False):
+        if (
+            isinstance(conv, nn.Conv2d | SSConv2d)
+            and isinstance(bn, _BATCH_NORMS)
+            and bn.num_features == conv.out_channels
+        ):
+            pairs[name] = bn_name
+    return pairs
+
+
 def convert_to_ss(
-    model: nn.Module, *, layers: Layers = "all", granularity: Granularity = "filter", train_bn: bool = False
+    model: nn.Module,
+    *,
+    layers: Layers = "all",
+    granularity: Granularity = "filter",
+    train_bn: bool = False,
+    batch_stats: bool = False,
 ) -> nn.Module:
     """Turn ``model`` into its SS form, in place, and return it.
 
     Every ``nn.Conv2d`` (1x1 shortcuts included) in the selected layers (``"all"``, or ``"last"``: the
     backbone's last stage, see ``last_stage_prefix``) becomes an ``SSConv2d`` of the given
-    ``granularity``. Then every parameter is frozen except the SS scales/shifts and, if ``train_bn``,
+    ``granularity``; with ``batch_stats`` (BN will normalise with batch statistics, ``meta.bn: batch``)
+    those that feed a BN get no shift. Then every parameter is frozen except the SS scales/shifts and, if ``train_bn``,
     the BatchNorm affine parameters inside the selected layers. Anything else that should train (e.g. a
     classifier head inside ``model``) must be unfrozen by the caller afterwards. BatchNorm running
     statistics are buffers: put BN in eval mode to keep them fixed.
@@ -192,10 +225,11 @@ def convert_to_ss(
         for name, module in model.named_modules()
         if isinstance(module, nn.Conv2d) and _in_scope(name, prefix)
     ]
+    feeds_bn = _batch_norm_after(model) if batch_stats else {}
     for name in selected:
         conv = model.get_submodule(name)
         assert isinstance(conv, nn.Conv2d)
-        model.set_submodule(name, SSConv2d(conv, granularity))
+        model.set_submodule(name, SSConv2d(conv, granularity, shift=name not in feeds_bn))
     for name, module in model.named_modules():
         trainable = isinstance(module, SSConv2d) or (
             train_bn and isinstance(module, _BATCH_NORMS) and _in_scope(name, prefix)
@@ -222,9 +256,33 @@ def fold_ss(model: nn.Module) -> nn.Module:
     return folded
 
 
+def drop_dead_shifts(model: nn.Module, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A state dict of ``model`` saved before dead shifts were dropped (it holds a ``.shift`` for convs
+    of ``model`` that have none), made loadable: each such shift goes into the running mean of the BN
+    it feeds, ``BN(y + s) = BN'(y)`` with ``mean' = mean - s``, so outputs with running statistics (meta-test,
+    predict) are unchanged; under batch statistics the shift never mattered."""
+    out = dict(state)
+    for conv, bn in _batch_norm_after(model).items():
+        module = model.get_submodule(conv)
+        shift, mean = f"{conv}.shift", f"{bn}.running_mean"
+        # Anything else (a shape that does not fit) stays, for the caller's check to name.
+        if (
+            isinstance(module, SSConv2d)
+            and module.shift is None
+            and shift in out
+            and mean in out
+            and out[shift].shape == out[mean].shape
+        ):
+            out[mean] = out[mean] - out.pop(shift).to(out[mean].dtype)
+    return out
+
+
 def ss_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The SS parameters of ``model`` in module order: for each ``SSConv2d``, its scale then its shift."""
-    return [p for m in model.modules() if isinstance(m, SSConv2d) for p in (m.scale, m.shift)]
+    """The SS parameters of ``model`` in module order: for each ``SSConv2d``, its scale then its shift
+    (if it has one)."""
+    return [
+        p for m in model.modules() if isinstance(m, SSConv2d) for p in (m.scale, m.shift) if p is not None
+    ]
 
 
 def count_trainable(model: nn.Module) -> int:
@@ -239,7 +297,7 @@ def describe_trainable(model: nn.Module) -> str:
     for module in model.modules():
         if isinstance(module, SSConv2d):
             scale += module.scale.numel() if module.scale.requires_grad else 0
-            shift += module.shift.numel() if module.shift.requires_grad else 0
+            shift += module.shift.numel() if module.shift is not None and module.shift.requires_grad else 0
             frozen_ss += module.weight.numel() + module.bias.numel()
         elif isinstance(module, _BATCH_NORMS):
             bn += sum(p.numel() for p in module.parameters(recurse=False) if p.requires_grad)
