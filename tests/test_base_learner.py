@@ -239,18 +239,25 @@ def _original_first_order(
     return out
 
 
-@pytest.mark.parametrize("way,shot,query", [(2, 1, 3), (3, 2, 2), (5, 5, 1)])
-def test_first_order_matches_original_code(way: int, shot: int, query: int) -> None:
-    torch.manual_seed(100 + way * shot)
-    tasks, d = 3, 6
-    loop = InnerLoop(steps=5, lr=0.4, temperature=3.0, normalize=False)
-    ys, yq = labels(tasks, way, shot), labels(tasks, way, query)
+def _random_problem(
+    tasks: int, way: int, shot: int, query: int, d: int
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Support and query labels, and float64 features xs, xq with an init w0, b0 drawn from torch's generator."""
     base = {
         "xs": torch.randn(tasks, way * shot, d, dtype=torch.float64),
         "xq": torch.randn(tasks, way * query, d, dtype=torch.float64),
         "w0": 0.3 * torch.randn(way, d, dtype=torch.float64),
         "b0": 0.3 * torch.randn(way, dtype=torch.float64),
     }
+    return labels(tasks, way, shot), labels(tasks, way, query), base
+
+
+@pytest.mark.parametrize("way,shot,query", [(2, 1, 3), (3, 2, 2), (5, 5, 1)])
+def test_first_order_matches_original_code(way: int, shot: int, query: int) -> None:
+    torch.manual_seed(100 + way * shot)
+    tasks = 3
+    loop = InnerLoop(steps=5, lr=0.4, temperature=3.0, normalize=False)
+    ys, yq, base = _random_problem(tasks, way, shot, query, d=6)
 
     mine = {k: v.clone().requires_grad_(True) for k, v in base.items()}
     w, b = adapt_first_order(
@@ -403,3 +410,58 @@ def test_proto_start_adds_the_meta_learned_init_and_is_differentiable_in_the_fea
 def test_inner_loop_refuses_an_unknown_init() -> None:
     with pytest.raises(ValueError, match="init"):
         InnerLoop(steps=1, lr=0.1, init="random")
+
+
+def _proto_maml_reference(
+    xs: torch.Tensor,
+    ys: torch.Tensor,
+    xq: torch.Tensor,
+    yq: torch.Tensor,
+    w0: torch.Tensor,
+    b0: torch.Tensor,
+    loop: InnerLoop,
+    first_order: bool,
+) -> torch.Tensor:
+    """Proto-MAML's query loss written with autograd, task by task: start at theta plus the support's
+    prototype classifier, then steps of autograd.grad on F.cross_entropy. First order drops only the
+    steps' second-order terms (no create_graph, as the original code); the start keeps its graph."""
+    losses = []
+    for t in range(xs.shape[0]):
+        s = F.normalize(xs[t], dim=-1) if loop.normalize else xs[t]
+        q = F.normalize(xq[t], dim=-1) if loop.normalize else xq[t]
+        protos = torch.stack([s[ys[t] == c].mean(0) for c in range(w0.shape[0])])
+        if loop.normalize:
+            w, b = w0 + F.normalize(protos, dim=-1), b0
+        else:
+            w, b = w0 + 2 * protos / loop.temperature, b0 - protos.square().sum(-1)
+        for _ in range(loop.steps):
+            inner = F.cross_entropy(loop.temperature * s @ w.T + b, ys[t])
+            gw, gb = torch.autograd.grad(inner, (w, b), create_graph=not first_order)
+            w, b = w - loop.lr * gw, b - loop.lr * gb
+        losses.append(F.cross_entropy(loop.temperature * q @ w.T + b, yq[t], reduction="sum"))
+    return torch.stack(losses).sum() / yq.numel()
+
+
+@pytest.mark.parametrize("first_order", [True, False])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_proto_maml_gradient_matches_autograd(first_order: bool, normalize: bool) -> None:
+    # First-order Proto-MAML: the gradient reaches the support features through the prototype start,
+    # and theta through the identity path; only the inner steps' own derivatives are dropped.
+    torch.manual_seed(5)
+    tasks = 2
+    loop = InnerLoop(steps=3, lr=0.4, temperature=3.0, normalize=normalize, init="proto")
+    ys, yq, base = _random_problem(tasks, way=3, shot=2, query=2, d=5)
+    mine = {k: v.clone().requires_grad_(True) for k, v in base.items()}
+    xs_n, xq_n = (F.normalize(mine[k], dim=-1) if normalize else mine[k] for k in ("xs", "xq"))
+    fit = adapt_first_order if first_order else adapt
+    w, b = fit(xs_n, ys, mine["w0"].expand(tasks, -1, -1), mine["b0"].expand(tasks, -1), loop)
+    loss = F.cross_entropy(logits(xq_n, w, b, loop).flatten(0, 1), yq.flatten())
+    grads = torch.autograd.grad(loss, list(mine.values()))
+
+    ref = {k: v.clone().requires_grad_(True) for k, v in base.items()}
+    ref_loss = _proto_maml_reference(ref["xs"], ys, ref["xq"], yq, ref["w0"], ref["b0"], loop, first_order)
+    ref_grads = torch.autograd.grad(ref_loss, list(ref.values()))
+    torch.testing.assert_close(loss, ref_loss, atol=1e-12, rtol=1e-12)
+    for k, g, r in zip(mine, grads, ref_grads, strict=True):
+        assert r.abs().max() > 1e-4, k  # a real signal, not two zeros agreeing
+        torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-10, msg=k)

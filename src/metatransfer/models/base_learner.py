@@ -4,8 +4,9 @@ All functions are batched over tasks: T tasks with n support examples of dimensi
 [T, n, d] tensor, and theta is ([T, way, d], [T, way]). The cross-entropy gradient of a linear
 classifier has the closed form  dL/dW = s * (P - Y)^T X / n,  dL/db = sum_i (P - Y)_i / n, so the
 inner loop needs no autograd graph: at meta-test thousands of episodes adapt in one batched loop,
-and in first-order meta-training the support branch carries no graph at all. Written with ordinary
-tensor ops, the same loop is also differentiable, which gives the exact (second-order) mode.
+and in first-order meta-training the steps carry no graph (with the zero start, neither does the
+support branch). Written with ordinary tensor ops, the same loop is also differentiable, which gives
+the exact (second-order) mode.
 
 With `init="proto"` the loop starts from the nearest-class-mean classifier of the support set
 (Proto-MAML, Triantafillou et al. 2020) plus the meta-learned theta: at step 0 it *is* nearest class
@@ -88,7 +89,13 @@ def adapt(
     the mean cross-entropy (plus `weight_decay / 2 * |W|^2`). Differentiable in x, weight and bias when
     they require grad.
     """
-    weight, bias = start(x, y, weight, bias, loop)
+    return _descend(x, y, *start(x, y, weight, bias, loop), loop)
+
+
+def _descend(
+    x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, loop: InnerLoop
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`loop.steps` gradient steps from (weight, bias) itself, in the closed form of the module docstring."""
     way = weight.shape[1]
     onehot = F.one_hot(y, way).to(x.dtype)  # [T, n, way]
     scale = loop.temperature / y.shape[1]
@@ -105,15 +112,18 @@ def adapt(
 def adapt_first_order(
     x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, loop: InnerLoop
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """First-order inner loop (the original MTL code's): theta' = theta + delta, delta computed without a graph.
+    """First-order inner loop (the original MTL code's): theta' = start + delta, delta computed without a graph.
 
-    The query loss then reaches theta's initialisation through the identity path and the
-    backbone only through the query features, exactly as `autograd.grad` without `create_graph` does.
+    The start (`start(...)`) keeps its graph, so the query loss reaches theta's initialisation through
+    the identity path and, with the prototype start, the support features through the prototypes
+    (first-order Proto-MAML); only the steps' own derivatives are dropped, exactly as `autograd.grad`
+    without `create_graph` does. With the zero start the backbone learns from the query features only.
     """
+    w0, b0 = start(x, y, weight, bias, loop)
     with torch.no_grad():
-        w_new, b_new = adapt(x.detach(), y, weight.detach(), bias.detach(), loop)
-        dw, db = w_new - weight.detach(), b_new - bias.detach()
-    return weight + dw, bias + db
+        w_new, b_new = _descend(x.detach(), y, w0.detach(), b0.detach(), loop)
+        dw, db = w_new - w0.detach(), b_new - b0.detach()
+    return w0 + dw, b0 + db
 
 
 def per_class_accuracy(scores: torch.Tensor, y: torch.Tensor, way: int) -> torch.Tensor:
