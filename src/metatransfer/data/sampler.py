@@ -92,7 +92,10 @@ class EpisodeSampler:
         exclude: Mapping[int, set[int]] | None = None,
     ) -> Episode:
         """Episode ``i`` of the stream ``salt`` over the given ``way`` classes (hard tasks), with fresh images:
-        images listed in ``exclude[c]`` are avoided while class ``c`` has ``shot + query`` others."""
+        images listed in ``exclude[c]`` are avoided while class ``c`` has ``shot + query`` others.
+
+        The classes are labelled in a random order of that stream, as ``episode`` labels its own: given
+        hardest first, label 0 would always be the hardest class and bias theta's first row."""
         cls = np.asarray(classes, dtype=np.int64)
         if cls.shape != (self.way,) or len(set(cls.tolist())) != self.way:
             raise ValueError(f"expected {self.way} distinct class ids, got {cls.tolist()}")
@@ -101,7 +104,7 @@ class EpisodeSampler:
         if not isinstance(salt, int | np.integer) or salt < 0:
             raise ValueError(f"salt must be an integer >= 0, got {salt!r}")
         rng = np.random.default_rng([self.seed, self._index(i), HARD_STREAM, int(salt)])
-        return self._draw(rng, int(i), cls, exclude or {})
+        return self._draw(rng, int(i), rng.permutation(cls), exclude or {})
 
     @staticmethod
     def _index(i: int) -> int:

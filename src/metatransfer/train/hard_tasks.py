@@ -3,7 +3,9 @@
 After the ordinary tasks of a meta-batch are learned, each task's lowest-accuracy class (ties broken
 by the higher query loss) is its failure class. A hard task uses the batch's distinct failure
 classes, hardest first; when there are fewer than `way` of them it is filled with the next-hardest
-classes of the same batch, ranked by accuracy then loss. Its images are sampled afresh.
+classes of the same batch, ranked by accuracy then loss. Its images are sampled afresh (none of the
+learned tasks' support or query images), and its labels in random order
+(`EpisodeSampler.episode_for_classes`), so label 0 is not always the hardest class.
 
 The paper's variant (`meta.ht.pool_batches` > 1) pools the failure classes of several meta-batches and
 draws each hard task's classes at random from that pool.
