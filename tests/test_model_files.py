@@ -26,6 +26,7 @@ from metatransfer.models.model_files import (
     save_backbone,
     save_meta_model,
 )
+from metatransfer.models.scale_shift import SSConv2d, convert_to_ss
 from metatransfer.predict import export_model, load
 from metatransfer.runs import load_weights
 
@@ -78,6 +79,36 @@ def test_every_kind_round_trips(files: dict[str, Path]) -> None:
         learner, pre, meta = load_meta_model(files[kind])
         assert isinstance(learner, MetaLearner) and meta.way == 3 and pre == PRE
         assert read_model_file(files[kind]).kind == kind
+
+
+def test_a_file_with_the_shifts_bn_batch_removes_still_loads(tmp_path: Path) -> None:
+    # Written before convs feeding a batch-statistics BN lost their shift: the loader folds each one
+    # into that BN's running mean, so the model computes what it did.
+    cfg = _cfg()
+    cfg.meta = MetaConfig(way=3, bn="batch", ss_granularity="kernel")
+    torch.manual_seed(0)
+    old = create_backbone("conv4", 1, hidden=4)
+    convert_to_ss(old, granularity="kernel", train_bn=True)  # the old conversion: every conv has a shift
+    learner = MetaLearner(old, 3)
+    with torch.no_grad():
+        for m in learner.modules():
+            if isinstance(m, SSConv2d):
+                assert m.shift is not None
+                m.shift.normal_(0.0, 0.5)
+            elif isinstance(m, torch.nn.BatchNorm2d):
+                assert m.running_mean is not None
+                m.running_mean.normal_(0.0, 0.1)
+    save_meta_model(tmp_path / "model.safetensors", learner, cfg, PRE, tasks="4")
+    assert any(k.endswith(".shift") for k in load_weights(tmp_path / "model.safetensors")[0])
+    loaded, _, meta = load_meta_model(tmp_path / "model.safetensors")
+    assert meta.bn == "batch" and not any(n.endswith(".shift") for n, _ in loaded.named_parameters())
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.backbone(x), learner.eval().backbone(x), atol=1e-5, rtol=1e-5)
+    export_model(tmp_path / "model.safetensors", tmp_path / "model.mtl")
+    with torch.no_grad():
+        exported = load_meta_model(tmp_path / "model.mtl")[0].backbone(x)
+    torch.testing.assert_close(exported, loaded.backbone(x), atol=1e-5, rtol=1e-5)
 
 
 def _set(key: str, value: str) -> Callable[[dict[str, str]], None]:

@@ -35,6 +35,7 @@ from metatransfer.data.preprocess import Preprocess
 from metatransfer.errors import ModelFileError, UserError
 from metatransfer.models.backbones import create_backbone
 from metatransfer.models.meta_learner import MetaLearner, prepare_backbone
+from metatransfer.models.scale_shift import drop_dead_shifts
 from metatransfer.runs import load_weights, save_weights
 
 BACKBONE_FILE = "backbone.safetensors"  # a pre-training run's kept backbone
@@ -175,6 +176,8 @@ def _rebuild(path: Path, kind: Kind, tensors: dict[str, torch.Tensor], info: dic
             skeleton = _assemble(kind, create_backbone(name, pre.channels, **args), meta, tensors)
     except (RuntimeError, ValueError, TypeError) as exc:
         raise ModelFileError(f"{path}: cannot build its model ({short(str(exc), 120)})") from exc
+    if kind == "meta":  # files from before bn "batch" dropped the SS shifts it removes
+        tensors = drop_dead_shifts(skeleton, tensors)
     _check_tensors(path, skeleton, tensors)
     module = _assemble(kind, create_backbone(name, pre.channels, **args), meta, tensors)
     module.load_state_dict(tensors)
