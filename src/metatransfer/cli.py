@@ -315,10 +315,29 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from metatransfer import pretrained
     from metatransfer.card import describe, render
 
-    desc = describe(args.model)
-    print(json.dumps(desc, indent=2) if args.json else render(desc))
+    path, name = pretrained.resolve(args.model)  # a shipped name -> its verified file
+    desc = describe(path)
+    shipped = pretrained.registry()[name] if name else None
+    if args.json:
+        print(json.dumps({**desc, "shipped": shipped.to_json() if shipped else None}, indent=2))
+    else:
+        print(render(desc) + (f"\n{pretrained.describe(shipped)}" if shipped else ""))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from metatransfer import pretrained
+
+    models = pretrained.registry()
+    if args.json:
+        print(json.dumps([m.to_json() for m in models.values()], indent=2))
+    elif models:
+        print(pretrained.format_table(models))
+    else:
+        print("no models are shipped with this installation")
     return 0
 
 
@@ -572,9 +591,12 @@ def _test_setting_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+MODEL_HELP = "a shipped model's name (see mtl models), an exported .mtl file or a meta-train run directory"
+
+
 def _add_model_commands(sub: Any) -> None:
     p = sub.add_parser("predict", help="classify your images after learning new classes from a few examples")
-    p.add_argument("model", help="exported .mtl file or meta-train run directory")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--support", required=True, help="folder with one sub-folder of images per class")
     p.add_argument(
         "--query", required=True, nargs="+", metavar="PATH", help="image files or folders (recursive)"
@@ -603,9 +625,15 @@ def _add_model_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("info", help="what a model is: its card (data, backbone, config, results)")
-    p.add_argument("model", help="exported .mtl file or meta-train run directory")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser(
+        "models", help="the trained models shipped with metatransfer: dataset, image size, accuracy"
+    )
+    p.add_argument("--json", action="store_true", help="print JSON (every registry field)")
+    p.set_defaults(func=cmd_models)
 
 
 DEBUG_HELP = "show Python tracebacks for errors"
