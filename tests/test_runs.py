@@ -312,6 +312,7 @@ def test_overwrite_removes_only_what_the_run_wrote(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
         ".lock",
         ".metatransfer.json",
+        ".metatransfer.lock",
         "config.yaml",
         "notes.txt",
         "plots",
@@ -354,6 +355,7 @@ def test_a_run_written_before_the_marker_is_still_ours(tmp_path: Path) -> None:
     assert sorted(p.name for p in legacy.iterdir()) == [
         ".lock",
         ".metatransfer.json",
+        ".metatransfer.lock",
         "config.yaml",
         "readme.txt",
     ]

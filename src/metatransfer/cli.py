@@ -166,7 +166,8 @@ def cmd_meta_test(args: argparse.Namespace) -> int:
         )
     run_dir = Path(args.run_dir)
     cfg = _with_data_root(run_config(run_dir, args.set or []), args.data_root)
-    (result,) = meta_test(run_dir, [_test_setting(args, cfg)], cfg)
+    out = Path(args.out) if args.out else None
+    (result,) = meta_test(run_dir, [_test_setting(args, cfg)], cfg, out=out)
     print(result.line)
     return 0
 
@@ -186,7 +187,7 @@ def _test_setting(args: argparse.Namespace, cfg: Config) -> TestSetting:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from metatransfer.runs import atomic_write_bytes
+    from metatransfer.runs import atomic_write_bytes, lock_if_ours
     from metatransfer.train.compare import compare_runs, plot_curves, read_curve
     from metatransfer.train.evaluate import format_delta
     from metatransfer.train.meta_test import run_config
@@ -213,7 +214,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         names[-1] += " (reference)"
         curves = {name: read_curve(path) for name, path in zip(names, paths, strict=True)}
         title = f"{m.way}-way {m.shot}-shot val during meta-training (selection episodes, seed {seed})"
-        atomic_write_bytes(Path(args.curves), plot_curves(curves, title))
+        with lock_if_ours(Path(args.curves).parent, "compare"):
+            atomic_write_bytes(Path(args.curves), plot_curves(curves, title))
         print(f"curves: {args.curves}")
     return 0
 
@@ -477,6 +479,11 @@ def _add_training_commands(sub: Any) -> None:
         metavar="KEY=VALUE",
         help="override a key of the run's config; repeatable (default: none)",
     )
+    p.add_argument(
+        "--out",
+        help="folder for results.json and the episodes CSV (default: the run directory, if its run has "
+        "finished; an unfinished run is only evaluated, its results saved nowhere else)",
+    )
     p.set_defaults(func=cmd_meta_test)
 
     p = sub.add_parser(
@@ -728,6 +735,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _refuse_contradictions(args: argparse.Namespace) -> None:
+    """One line (exit 2) for flags that ask for opposite things; otherwise one would silently win (with
+    `--resume --overwrite`, overwrite would delete the progress the user meant to keep)."""
+    if getattr(args, "resume", None) and getattr(args, "overwrite", False):
+        raise UserError(
+            "--resume and --overwrite contradict each other (resume keeps the run, overwrite deletes it); "
+            "pass one of them"
+        )
+    sets = [item.split("=", 1) for item in getattr(args, "set", None) or [] if "=" in item]
+    keys = {key.strip(): value.strip().lower() for key, value in sets}
+    if getattr(args, "data_root", None) and "data.root" in keys:
+        raise UserError("--data-root and --set data.root=... both name the dataset folder; pass one of them")
+    if getattr(args, "tensorboard", False) and keys.get("logging.tensorboard") in ("false", "no", "0"):
+        raise UserError("--tensorboard contradicts --set logging.tensorboard=false; pass one of them")
+
+
 def _fail(message: str) -> int:
     print(f"mtl: error: {' '.join(message.split())}", file=sys.stderr)
     return 2
@@ -749,6 +772,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     keep_freed_memory()
     try:
+        _refuse_contradictions(args)
         with progress.forced("off" if args.quiet else None):
             return handler(args)
     except UserError as exc:

@@ -55,7 +55,7 @@ from metatransfer.models.model_files import (
 )
 from metatransfer.models.scale_shift import fold_ss
 from metatransfer.pretrained import resolve
-from metatransfer.runs import CONFIG_FILE, run_file_owner, save_weights
+from metatransfer.runs import CONFIG_FILE, lock_if_ours, run_file_owner, save_weights
 from metatransfer.train.evaluate import evaluate_features, extract_features, fit_linear
 
 ImageInput = str | os.PathLike[str] | Image.Image | np.ndarray | torch.Tensor
@@ -389,7 +389,8 @@ def export_model(
         if overflow:
             raise UserError(f"{source}: tensor {overflow[0]} exceeds the fp16 range; export it in fp32")
     # Not recorded as a run file: `--overwrite` of a run it was written into leaves the export alone.
-    save_weights(out, state, metadata, record=False)
+    with lock_if_ours(out.parent, "export"):  # a run folder is written only under its lock
+        save_weights(out, state, metadata, record=False)
     return out
 
 

@@ -18,6 +18,7 @@ import csv
 import io
 import json
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Any
 import yaml
 
 from metatransfer.errors import UserError
-from metatransfer.runs import atomic_write_bytes, atomic_write_text
+from metatransfer.runs import atomic_write_bytes, atomic_write_text, folder_lock, lock_holder
 
 METRICS_FILE = "metrics.csv"
 CURVES_FILE = "curves.png"
@@ -559,6 +560,17 @@ def write_report(run_dir: Path) -> Path:
 def cmd_report(run_dir: str, as_json: bool) -> str:
     """`mtl report`: (re)draw the figure and return the report as Markdown or JSON text."""
     path = Path(run_dir)
-    write_curves(path)
+    phases = find_phases(path)
+    holders = map(lock_holder, sorted({path, *(ph.path for ph in phases)}))
+    busy = [h for h in holders if h is not None and h.training]
+    if busy:
+        # Its training process redraws curves.png after every row; a second writer would only race it.
+        print(
+            f"mtl: note: {path / CURVES_FILE} not redrawn: the run is being trained by {busy[0].describe()}",
+            file=sys.stderr,
+        )
+    else:
+        with folder_lock(path, "report"):
+            write_curves(path, phases)
     report = build_report(path)
     return json.dumps(report, indent=2) if as_json else render_markdown(report)

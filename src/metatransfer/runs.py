@@ -8,6 +8,7 @@ safetensors; resume state, which needs torch's format for optimiser state, is re
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import fcntl
 import fnmatch
@@ -15,7 +16,9 @@ import io
 import json
 import os
 import secrets
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -30,6 +33,12 @@ from metatransfer.errors import TrainingError, UserError, file_error
 CONFIG_FILE = "config.yaml"
 DONE_FILE = "DONE"
 LOCK_FILE = ".lock"
+# Serialises read-modify-write of the marker between processes: the run lock cannot, since the training
+# process holds it for hours while other commands (meta-test, report) also add files.
+MARKER_LOCK = ".metatransfer.lock"
+LOCK_FILES = (LOCK_FILE, MARKER_LOCK)
+# How long a short writer (meta-test saving results, report, export) waits for another short writer.
+SHORT_WAIT_S = 120.0
 # Our mark on every output folder we create: {"format": MARKER_FORMAT, "files": [names we wrote there]}.
 # Only a marked folder is reused, and `--overwrite` removes only the files its list names.
 MARKER_FILE = ".metatransfer.json"
@@ -126,11 +135,38 @@ def _write_marker(folder: Path, files: list[str]) -> None:
     atomic_write_text(folder / MARKER_FILE, text)
 
 
+@contextlib.contextmanager
+def _marker_lock(folder: Path) -> Iterator[None]:
+    """Hold `folder`'s marker lock: every read-modify-write of the marker happens inside it, so two
+    processes adding files at once both end up listed."""
+    handle = _open_lock(folder / MARKER_LOCK)
+    try:
+        if not _flock(handle, SHORT_WAIT_S):
+            raise UserError(
+                f"{folder}: another process has held {MARKER_LOCK} for over {SHORT_WAIT_S:.0f} s; "
+                "if no metatransfer command is running there, try again"
+            )
+        yield
+    finally:
+        handle.close()
+
+
 def _record(path: Path) -> None:
     """Add `path`'s name to its folder's marker (if the folder is marked): it is now a file we wrote."""
-    marker = _marker(path.parent)
-    if marker is not None and path.name not in marker["files"]:
-        _write_marker(path.parent, [*marker["files"], path.name])
+    if _marker(path.parent) is None:  # cheap test first: most folders we write to are not ours to list
+        return
+    with _marker_lock(path.parent):
+        marker = _marker(path.parent)
+        if marker is not None and path.name not in marker["files"]:
+            _write_marker(path.parent, [*marker["files"], path.name])
+
+
+def _forget(folder: Path, names: set[str]) -> None:
+    """Drop `names` (files we deleted) from `folder`'s marker, so it lists exactly the files present."""
+    with _marker_lock(folder):
+        marker = _marker(folder)
+        if marker is not None and names & set(marker["files"]):
+            _write_marker(folder, [n for n in marker["files"] if n not in names])
 
 
 def record_file(path: str | Path) -> None:
@@ -185,7 +221,9 @@ def claim_folder(path: str | Path, *, data_root: str | Path | None = None) -> Pa
     except OSError as exc:
         raise file_error(exc, path, "create the output folder") from exc
     if _marker(path) is None:
-        _write_marker(path, _legacy_files(path))
+        with _marker_lock(path):
+            if _marker(path) is None:  # another process may have marked it while we waited
+                _write_marker(path, _legacy_files(path))
     return path
 
 
@@ -201,7 +239,7 @@ def check_output(path: str | Path, *, data_root: str | Path | None = None) -> Pa
             return path
         if not path.is_dir():
             raise UserError(f"output folder {path} exists and is not a folder; choose another --out")
-        entries = sorted(p.name for p in path.iterdir() if p.name not in (MARKER_FILE, LOCK_FILE))
+        entries = sorted(p.name for p in path.iterdir() if p.name not in (MARKER_FILE, *LOCK_FILES))
         if entries and not _owned(path):
             raise UserError(
                 f"{path} holds files metatransfer did not write (e.g. {entries[0]}); "
@@ -226,17 +264,19 @@ def remove_our_files(folder: Path, keep: tuple[str, ...] = ()) -> None:
 
     Nothing else in the folder is touched: files a user added there stay.
     """
-    marker = _marker(folder)
-    if marker is None:
+    if _marker(folder) is None:
         raise UserError(f"{folder} is not a metatransfer output folder; refusing to remove anything in it")
-    names = [n for n in marker["files"] if n not in keep and "/" not in n and n not in (".", "..")]
-    for child in folder.iterdir():
-        ours = child.name in names or any(
-            child.name.startswith(f".{n}.") and child.name.endswith(".tmp") for n in names
-        )
-        if ours and child.is_file() and not child.is_symlink():
-            child.unlink()
-    _write_marker(folder, [n for n in marker["files"] if n in keep])
+    with _marker_lock(folder):
+        marker = _marker(folder)
+        assert marker is not None  # marked folders stay marked: only this function rewrites a marker's list
+        names = [n for n in marker["files"] if n not in keep and "/" not in n and n not in (".", "..")]
+        for child in folder.iterdir():
+            ours = child.name in names or any(
+                child.name.startswith(f".{n}.") and child.name.endswith(".tmp") for n in names
+            )
+            if ours and child.is_file() and not child.is_symlink():
+                child.unlink()
+        _write_marker(folder, [n for n in marker["files"] if n in keep])
 
 
 def save_weights(
@@ -360,7 +400,7 @@ class RunDir:
         Only a folder metatransfer wrote is reused (see `claim_folder`), never one inside the dataset.
         """
         path = claim_folder(path, data_root=cfg.data.root)
-        handle = _acquire_lock(path)
+        handle = _acquire_lock(path, f"{TRAINING} ({phase})")
         try:
             resuming = cls._prepare(path, cfg, phase, overwrite=overwrite, resume=resume)
         except BaseException:
@@ -371,6 +411,10 @@ class RunDir:
     @staticmethod
     def _prepare(path: Path, cfg: Config, phase: Phase, *, overwrite: bool, resume: bool | None) -> bool:
         saved = path / CONFIG_FILE
+        if overwrite and resume:
+            raise UserError(
+                "resume and overwrite contradict each other (resume keeps the run, overwrite deletes it)"
+            )
         if overwrite:
             remove_our_files(path)
             atomic_write_text(saved, to_yaml(cfg))
@@ -403,8 +447,10 @@ class RunDir:
     def finish(self, summary: Mapping[str, Any] | None = None) -> None:
         """Mark the run finished (so it is not overwritten by accident) and drop resume state."""
         write_json(self.file(DONE_FILE), dict(summary or {}))
-        for state in self.path.glob("state*.pt"):
+        states = list(self.path.glob("state*.pt"))
+        for state in states:
             state.unlink()
+        _forget(self.path, {state.name for state in states})
 
     def close(self) -> None:
         if self._lock is not None:
@@ -449,19 +495,119 @@ def _saved_config(run: Path) -> str | None:
         raise file_error(exc, run / CONFIG_FILE, "read") from exc
 
 
-def _acquire_lock(path: Path) -> IO[str]:
+TRAINING = "training"  # what the run lock's holder writes when it trains the run (see `LockHolder`)
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    """Who holds a run folder's lock, as the holder wrote it in the lock file: its pid and its task."""
+
+    pid: int | None
+    task: str
+
+    @property
+    def training(self) -> bool:
+        return self.task.startswith(TRAINING)
+
+    def describe(self) -> str:
+        who = f"process {self.pid}" if self.pid else "another metatransfer process"
+        return f"{who} ({self.task})" if self.task else who
+
+
+def _open_lock(path: Path) -> IO[str]:
     try:
-        handle = open(path / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the run's lifetime
+        return open(path, "a+")  # noqa: SIM115 - the caller holds it open as long as it holds the lock
     except OSError as exc:
-        raise file_error(exc, path / LOCK_FILE, "write") from exc
+        raise file_error(exc, path, "write") from exc
+
+
+def _flock(handle: IO[str], wait: float) -> bool:
+    """Take an exclusive flock on `handle`, retrying for up to `wait` seconds; whether it was taken."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+
+
+def lock_holder(folder: str | Path) -> LockHolder | None:
+    """Who holds `folder`'s run lock now, or None when nobody does. Writes nothing."""
+    path = Path(folder) / LOCK_FILE
     try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError as exc:
+        handle = open(path, encoding="utf-8")  # noqa: SIM115 - closed below
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise file_error(exc, path, "read") from exc
+    with handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid, _, task = handle.read(200).strip().partition(" ")
+            return LockHolder(int(pid) if pid.isdigit() else None, task)
+        return None
+
+
+def _acquire_lock(path: Path, task: str) -> IO[str]:
+    """Take `path`'s run lock for `task`, or refuse at once naming its holder; our pid and task go into the
+    lock file, so that a process refused later can say who holds it."""
+    handle = _open_lock(path / LOCK_FILE)
+    if not _flock(handle, 0.0):
         handle.close()
+        holder = lock_holder(path)
+        what = holder.describe() if holder else "another metatransfer process"
         raise UserError(
-            f"{path} is in use by another metatransfer process (lock file {path / LOCK_FILE})"
-        ) from exc
+            f"{path} is in use by {what} (lock file {path / LOCK_FILE}); wait for it to end or stop it"
+        )
+    _write_holder(handle, task)
     return handle
+
+
+def _write_holder(handle: IO[str], task: str) -> None:
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()} {task}\n")
+    handle.flush()
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path, task: str) -> Iterator[None]:
+    """Hold `folder`'s run lock while a short command (`task`: meta-test, report, export) writes there.
+
+    Another short writer is waited for (up to SHORT_WAIT_S); a training process holds the lock for the
+    whole run, so then this refuses at once (UserError naming its pid and what to do).
+    """
+    folder = Path(folder)
+    handle = _open_lock(folder / LOCK_FILE)
+    try:
+        deadline = time.monotonic() + SHORT_WAIT_S
+        while not _flock(handle, 0.0):
+            holder = lock_holder(folder)
+            if holder is not None and holder.training:
+                raise UserError(
+                    f"{folder} is being trained by {holder.describe()}; nothing was written into it. "
+                    "Wait for the training to finish, or write elsewhere (meta-test: --out)"
+                )
+            if time.monotonic() >= deadline:
+                what = holder.describe() if holder else "another metatransfer process"
+                raise UserError(
+                    f"{folder} has been in use by {what} for over {SHORT_WAIT_S:.0f} s; try again"
+                )
+            time.sleep(0.05)
+        _write_holder(handle, task)
+        yield
+    finally:
+        handle.close()
+
+
+def lock_if_ours(folder: str | Path, task: str) -> contextlib.AbstractContextManager[None]:
+    """`folder_lock` when `folder` is an output folder of ours (a file the user names, such as an export,
+    may land in a run folder), else nothing to lock."""
+    return folder_lock(folder, task) if _marker(Path(folder)) is not None else contextlib.nullcontext()
 
 
 class MetricsLog:

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import io
 import json
 import os
+import sys
 import uuid
 import warnings
 from collections.abc import Iterator, Sequence
@@ -339,16 +341,44 @@ def load_or_build(
     if cached is not None:
         return cached
     try:
-        offsets, bad = _build_and_record(
-            dataset, spec, size, fingerprint, npy_path, _worker_count(workers), progress
-        )
+        with _build_lock(cache):
+            # Another process may have built the entry while we waited for the lock: use it.
+            cached = _load_cached(npy_path, meta_path, fingerprint, spec)
+            if cached is not None:
+                return cached
+            offsets, bad = _build_and_record(
+                dataset, spec, size, fingerprint, npy_path, _worker_count(workers), progress
+            )
+            images = np.load(npy_path, mmap_mode="r")
     except OSError as e:  # disk full, read-only, not a folder, no permission: one line
         raise DataError(
             f"cannot write the image cache in {cache}: {e.strerror or describe_error(e)}; "
             "free some space or set data.cache_dir (or $MTL_CACHE_DIR)"
         ) from e
-    images = np.load(npy_path, mmap_mode="r")
     return ImageStore.from_offsets(images, offsets, spec.classes, split), bad
+
+
+@contextlib.contextmanager
+def _build_lock(cache: Path) -> Iterator[None]:
+    """Hold the cache folder's build lock: two processes (two `mtl run` on a fresh cache) then build an
+    entry once, the second waiting and loading what the first built instead of decoding it again.
+
+    The lock is the folder itself (flock on its descriptor), so it leaves no lock file behind; builds of
+    different entries take turns, which costs little since one process builds its splits in turn anyway.
+    """
+    fd = os.open(cache, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(
+                f"mtl: waiting for another process that is building an image cache in {cache}",
+                file=sys.stderr,
+            )
+            fcntl.flock(fd, fcntl.LOCK_EX)  # for as long as that build takes
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _build_and_record(
