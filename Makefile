@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # 2 cores: keep torch from oversubscribing when pytest runs.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: demo test lint bench docs clean
+.PHONY: demo test test-all lint bench docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,6 +19,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests
+
+# Also the `slow` tests: real processes competing for a run folder, the concurrency soak (CI runs this).
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples
