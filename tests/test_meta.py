@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +19,11 @@ from metatransfer.device import resolve_runtime
 from metatransfer.models.backbones import create_backbone
 from metatransfer.models.meta_learner import MetaLearner, prepare_backbone
 from metatransfer.models.scale_shift import SSConv2d
+from metatransfer.predict import export_model
 from metatransfer.runs import load_state, load_weights, read_json, save_state
 from metatransfer.train.baselines import finetune_all
 from metatransfer.train.evaluate import format_delta, paired_difference
-from metatransfer.train.meta import MetaTrainer, TaskBatch
+from metatransfer.train.meta import MetaTrainer, TaskBatch, precise_bn, recalibrate_run
 
 from tiny import write_config, write_pattern_folder
 
@@ -73,6 +75,18 @@ def test_outer_update_moves_phi_and_theta_never_w(first_order: bool) -> None:
     assert not torch.equal(theta, trainer.learner.theta_weight)
 
 
+def test_first_order_proto_start_keeps_the_support_branch() -> None:
+    # With no inner steps there are no second-order terms to drop: first order and exact must make the
+    # same update, the support features reaching Phi through the prototypes in both.
+    updated = []
+    for first_order in (True, False):
+        trainer = _trainer(first_order, classifier_init="proto", inner_steps=0)
+        trainer.learn(TaskBatch.of([trainer.sampler.episode(i) for i in range(2)]), step_seed=0, total=2)
+        updated.append([p.detach().clone() for p in trainer.learner.parameters()])
+    for p, q in zip(*updated, strict=True):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-6)
+
+
 def _two_updates(trainer: MetaTrainer) -> tuple[list[float], list[torch.Tensor]]:
     losses = [
         trainer.learn(TaskBatch.of([trainer.sampler.episode(2 * s + i) for i in range(2)]), s, 2)[0]
@@ -120,6 +134,8 @@ def test_ft_theta_updates_only_theta() -> None:
 
 def test_hard_tasks_use_failure_classes_and_fresh_images() -> None:
     trainer = _trainer()
+    # Classes of 30 images: a class in both tasks still has shot + query images neither task used.
+    trainer.sampler = EpisodeSampler(_store(per_class=30), 3, 1, 3, trainer.cfg.seed)
     batch = TaskBatch.of([trainer.sampler.episode(i) for i in range(2)])
     # Fabricated accuracies: task 0 fails class position 2, task 1 fails position 0.
     acc = np.array([[1.0, 1.0, 0.0], [0.0, 0.5, 1.0]])
@@ -133,6 +149,23 @@ def test_hard_tasks_use_failure_classes_and_fresh_images() -> None:
     hard_images = set(hard.support.ravel().tolist()) | set(hard.query.ravel().tolist())
     assert not failed_queries & hard_images
     assert dict(trainer.failures) == {c: 1 for c in failures}
+
+
+def test_hard_tasks_shuffle_labels_and_avoid_the_learned_support_images() -> None:
+    trainer = _trainer(**{"ht.tasks_per_batch": 8})
+    trainer.sampler = EpisodeSampler(_store(per_class=30), 3, 1, 3, trainer.cfg.seed)  # fresh images to spare
+    batch = TaskBatch.of([trainer.sampler.episode(i) for i in range(2)])
+    acc = np.array([[1.0, 1.0, 0.0], [0.0, 0.5, 1.0]])
+    hard = trainer.hard_batch(batch, acc, np.zeros_like(acc), hard_done=0)
+    hardest = int(batch.classes[1, 0])
+    # Every hard task holds the same classes, labelled in a random order: label 0 is not always the hardest.
+    assert all(set(c.tolist()) == set(hard.classes[0].tolist()) for c in hard.classes)
+    assert len({tuple(c.tolist()) for c in hard.classes}) > 1
+    assert hardest in hard.classes[:, 1:]
+    learned = set(batch.support.ravel().tolist()) | set(batch.query.ravel().tolist())
+    assert not learned & (set(hard.support.ravel().tolist()) | set(hard.query.ravel().tolist()))
+    again = trainer.hard_batch(batch, acc, np.zeros_like(acc), hard_done=0)
+    assert all(np.array_equal(getattr(hard, f), getattr(again, f)) for f in ("classes", "support", "query"))
 
 
 def test_hard_tasks_leave_the_ordinary_stream_unchanged() -> None:
@@ -422,3 +455,52 @@ def test_pooled_hard_tasks_draw_their_classes_from_the_pool() -> None:
     assert all(set(c.tolist()) <= failures for c in hard.classes)
     again = trainer.hard_batch(batch, acc, np.zeros_like(acc), hard_done=0)
     assert np.array_equal(hard.classes, again.classes)  # a pure function of (seed, hard task index)
+
+
+def test_precise_bn_sets_the_plain_average_of_the_batch_statistics() -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 1), torch.nn.BatchNorm2d(3), torch.nn.Dropout(0.5)).eval()
+    batches = [torch.randn(4, 2, 5, 5) * (k + 1) + k for k in range(3)]  # each with its own statistics
+    assert precise_bn(net, batches) == 3
+    with torch.no_grad():
+        outputs = [net[0](x) for x in batches]
+    bn = net[1]
+    assert isinstance(bn, torch.nn.BatchNorm2d)
+    # Each batch weighs alike, not the last ones most as momentum 0.1 would have it.
+    torch.testing.assert_close(bn.running_mean, torch.stack([y.mean((0, 2, 3)) for y in outputs]).mean(0))
+    torch.testing.assert_close(bn.running_var, torch.stack([y.var((0, 2, 3)) for y in outputs]).mean(0))
+    assert bn.momentum == 0.1 and not net.training and not bn.training  # everything else as it was
+
+
+def test_bn_recalibration_is_saved_exported_and_pairs_with_the_run_it_copies(
+    pretrained: tuple[Path, Path],
+) -> None:
+    config, tmp = pretrained
+    args = ["meta-train", "--config", str(config), "--pretrained", str(tmp / "pre")]
+    args += ["--set", "meta.bn=batch", "--set", "meta.ss_granularity=kernel"]
+    assert main([*args, "--out", str(tmp / "bn-plain")]) == 0
+    assert main([*args, "--set", "meta.bn_recalibrate=3", "--out", str(tmp / "bn-precise")]) == 0
+    recalibrate_run(tmp / "bn-plain", tmp / "bn-copy", 3)
+    plain, precise, copy = (
+        load_weights(tmp / d / "model.safetensors") for d in ("bn-plain", "bn-precise", "bn-copy")
+    )
+    stats = [k for k in plain[0] if k.endswith(("running_mean", "running_var"))]
+    assert stats
+    for k, tensor in plain[0].items():
+        # One code path: the copy of a finished run is what meta-training with the key saves.
+        assert torch.equal(precise[0][k], copy[0][k]), k
+        if k in stats:
+            assert not torch.equal(tensor, precise[0][k]), k
+        elif k.endswith("num_batches_tracked"):
+            assert int(precise[0][k]) == 3
+        else:  # meta-training itself is unchanged
+            assert torch.equal(tensor, precise[0][k]), k
+    assert json.loads(precise[1]["meta"])["bn_recalibrate"] == 3
+    assert json.loads(copy[1]["meta"])["bn_recalibrate"] == 3 and copy[1]["tasks"] == plain[1]["tasks"]
+    exported = tmp / "bn-precise.mtl"
+    export_model(tmp / "bn-precise" / "model.safetensors", exported)
+    shipped = load_weights(exported)[0]
+    assert all(torch.equal(shipped[k], precise[0][k]) for k in stats)
+    episodes = ["--way", "3", "--query", "3", "--episodes", "10"]
+    assert main(["compare", str(tmp / "bn-copy"), str(tmp / "bn-plain"), *episodes]) == 0
+    assert main(["meta-test", str(tmp / "bn-copy"), *episodes]) == 0

@@ -9,13 +9,17 @@ and their inner loops run batched. With `meta.ht.enabled`, each meta-batch (or, 
 
 Every random choice of step k (episodes, augmentation) is derived from (seed, k), so a run resumed
 from a checkpoint continues exactly as an uninterrupted one.
+
+With `meta.bn: batch`, BN normalises with each forward's batch statistics while meta-test and predict
+use its running statistics, an exponential average over batches taken while Phi kept moving;
+`meta.bn_recalibrate: N` re-estimates them at the end (`recalibrate_bn`).
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,9 +30,10 @@ import torch.nn.functional as F
 
 from metatransfer import distributed as dist
 from metatransfer import progress
-from metatransfer.config import Config
+from metatransfer.config import Config, load_config
 from metatransfer.data.augment import to_float
 from metatransfer.data.preprocess import Preprocess
+from metatransfer.data.readers import with_data_root
 from metatransfer.data.sampler import Episode, EpisodeSampler
 from metatransfer.data.store import ImageStore, open_split
 from metatransfer.device import Runtime, resolve_runtime
@@ -42,10 +47,26 @@ from metatransfer.models.base_learner import (
     prepare,
 )
 from metatransfer.models.meta_learner import MetaLearner, inner_loop, prepare_backbone
-from metatransfer.models.model_files import BACKBONE_FILE, MODEL_FILE, load_backbone, save_meta_model
+from metatransfer.models.model_files import (
+    BACKBONE_FILE,
+    MODEL_FILE,
+    load_backbone,
+    model_metadata,
+    read_model_file,
+    save_meta_model,
+)
 from metatransfer.models.scale_shift import describe_trainable
 from metatransfer.report import safetensors_metadata
-from metatransfer.runs import atomic_write_text
+from metatransfer.runs import (
+    CONFIG_FILE,
+    DONE_FILE,
+    RunDir,
+    atomic_write_bytes,
+    atomic_write_text,
+    read_json,
+    save_weights,
+    write_json,
+)
 from metatransfer.train.evaluate import (
     confidence_interval,
     episode_labels,
@@ -53,10 +74,26 @@ from metatransfer.train.evaluate import (
     extract_features,
 )
 from metatransfer.train.hard_tasks import failure_classes, hard_task_classes, pooled_task_classes
-from metatransfer.train.loop import ScaledOptimizer, Throughput, TrainingRun, check_finite, make_augment
+from metatransfer.train.loop import (
+    METRICS_FILE,
+    SUMMARY_FILE,
+    ScaledOptimizer,
+    Throughput,
+    TrainingRun,
+    check_finite,
+    make_augment,
+)
 
 LAST_FILE = "last.safetensors"  # the end of meta-training
+FAILURES_FILE = "failure_classes.csv"  # how often each class was a failure class (hard tasks)
 HARD_SALT = 1  # hard tasks draw from their own episode stream, so HT leaves ordinary tasks unchanged
+
+
+def store_images(store: ImageStore, rows: np.ndarray, pre: Preprocess, runtime: Runtime) -> torch.Tensor:
+    """The store's images at `rows` (any shape, flattened) as a normalised batch on the runtime's device."""
+    flat = rows.reshape(-1)
+    x = to_float(torch.from_numpy(np.ascontiguousarray(store.images[flat])), pre.mean, pre.std)
+    return runtime.images(x)
 
 
 @dataclass
@@ -152,11 +189,7 @@ class MetaTrainer:
         self.accs: list[float] = []
 
     def _images(self, rows: np.ndarray, gen: torch.Generator) -> torch.Tensor:
-        flat = rows.reshape(-1)
-        x = to_float(
-            torch.from_numpy(np.ascontiguousarray(self.train.images[flat])), self.pre.mean, self.pre.std
-        )
-        x = self.runtime.images(x)
+        x = store_images(self.train, rows, self.pre, self.runtime)
         return self.augment(x, generator=gen) if self.augment is not None else x
 
     def _features(
@@ -194,13 +227,12 @@ class MetaTrainer:
         )
         w0 = self.learner.theta_weight.expand(t, -1, -1)
         b0 = self.learner.theta_bias.expand(t, -1)
-        if self.m.first_order:
-            with torch.no_grad():  # the support branch needs no graph in the first-order mode
-                fs = self._features(self.learner.backbone, xs, t)
-            w, b = adapt_first_order(prepare(fs, self.loop), ys, w0, b0, self.loop)
-        else:
+        # First order drops only the inner steps' derivatives: the support branch still needs a graph
+        # when the prototype start is built from it (first-order Proto-MAML).
+        with torch.set_grad_enabled(not self.m.first_order or self.loop.init == "proto"):
             fs = self._features(self.learner.backbone, xs, t)
-            w, b = adapt(prepare(fs, self.loop), ys, w0, b0, self.loop)
+        fit = adapt_first_order if self.m.first_order else adapt
+        w, b = fit(prepare(fs, self.loop), ys, w0, b0, self.loop)
         fq = self._features(self._query_forward, xq, t)
         scores = logits(prepare(fq, self.loop), w, b, self.loop)
         loss = F.cross_entropy(scores.reshape(-1, self.m.way), yq.reshape(-1))
@@ -255,6 +287,13 @@ class MetaTrainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if set(state["model"]) - set(self.learner.state_dict()):
+            # A checkpoint from before bn "batch" dropped the dead SS shifts: Adam's state is laid out
+            # for them, so the run cannot continue exactly.
+            raise UserError(
+                "this unfinished run was checkpointed by an older metatransfer (SS shifts before "
+                "batch-statistics BN); finish it with that version or start again with --overwrite"
+            )
         self.learner.load_state_dict(state["model"])
         self.update.load_state_dict(state)
         self.tasks_done, self.hard_done = int(state["tasks"]), int(state["hard"])
@@ -313,12 +352,14 @@ class MetaTrainer:
         else:  # the paper's pool: each hard task's classes drawn at random, a pure function of (seed, k)
             rngs = [np.random.default_rng([self.cfg.seed, HARD_SALT, hard_done + k]) for k in range(count)]
             chosen = pooled_task_classes(acc, loss, batch.classes, way, rngs)
+        # Fresh images: none of a learned task's support or query images come back in its hard tasks.
+        used = np.concatenate(
+            [a.reshape(len(batch), way, -1) for a in (batch.support, batch.query)], axis=2
+        )  # [T, way, shot + query], class-major like the labels
         seen: dict[int, set[int]] = {}
-        for task_classes, query in zip(
-            batch.classes, batch.query.reshape(len(batch), self.m.way, -1), strict=True
-        ):
-            for c, q in zip(task_classes, query, strict=True):
-                seen.setdefault(int(c), set()).update(int(i) for i in q)
+        for task_classes, images in zip(batch.classes, used, strict=True):
+            for c, rows in zip(task_classes, images, strict=True):
+                seen.setdefault(int(c), set()).update(int(i) for i in rows)
         episodes = [
             self.sampler.episode_for_classes(hard_done + k, classes, salt=HARD_SALT, exclude=seen)
             for k, classes in enumerate(chosen)
@@ -427,14 +468,105 @@ def meta_train(
                         run.checkpoint(row, {**trainer.state_dict(), "best": validate.best})
                         progress.note(trainer.progress_line(row))
                         if m.ht.enabled:
-                            _write_failures(out / "failure_classes.csv", trainer.failures, train.classes)
+                            _write_failures(out / FAILURES_FILE, trainer.failures, train.classes)
                     dist.barrier()
         kept = kept_tasks(out) if ctx.is_main else -1  # only rank 0 writes the model file
         if ctx.is_main:
             save_meta_model(out / LAST_FILE, learner, cfg, pre, tasks=str(trainer.tasks_done))
+            if m.bn_recalibrate:
+                recalibrate_bn(out, cfg, train)
             progress.note(validate.kept_note(kept))
         done = {"tasks": trainer.tasks_done, "hard_tasks": trainer.hard_done, "seconds": speed.elapsed}
         run.finish({"best_val": validate.best, "kept_tasks": kept, **done})
+    return out / MODEL_FILE
+
+
+def precise_bn(model: torch.nn.Module, batches: Iterable[torch.Tensor]) -> int:
+    """Set every BatchNorm's running statistics in `model` to the plain (momentum-free) average of the
+    batch statistics of `batches` forwarded through it ("precise BN"); returns the number of batches.
+
+    Only BN runs in train mode: dropout stays off, as where the statistics are used. Nothing else changes.
+    """
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    bns = [bn for bn in bns if bn.track_running_stats]
+    momenta = [bn.momentum for bn in bns]
+    was_training = model.training
+    model.eval()
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # torch's cumulative average: batch k weighs 1/k, so all weigh alike
+        bn.train()
+    count = 0
+    try:
+        with torch.no_grad():
+            for x in batches:
+                model(x)
+                count += 1
+    finally:
+        for bn, momentum in zip(bns, momenta, strict=True):
+            bn.momentum = momentum
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("precise_bn needs at least one batch")
+    return count
+
+
+def recalibration_batches(
+    cfg: Config, store: ImageStore, pre: Preprocess, runtime: Runtime
+) -> Iterator[torch.Tensor]:
+    """`meta.bn_recalibrate` batches of train-split images, without augmentation, for `precise_bn`: batch j
+    holds the support and query images of meta-training's meta-batch j (episodes of the run's own
+    stream), so its class mix is the one BN normalised over in meta-training, and the pass is a pure
+    function of the config."""
+    m = cfg.meta
+    sampler = EpisodeSampler(store, m.way, m.shot, m.query, cfg.seed)
+    for j in range(m.bn_recalibrate):
+        episodes = [sampler.episode(j * m.meta_batch + k) for k in range(m.meta_batch)]
+        yield store_images(store, np.concatenate([np.r_[e.support, e.query] for e in episodes]), pre, runtime)
+
+
+def recalibrate_bn(run_dir: Path, cfg: Config, train: ImageStore) -> None:
+    """Re-estimate the BN statistics of a meta-train run's model files (the kept one and the last) with
+    their own Phi on `recalibration_batches`, and save them in place, their metadata's `meta` now saying
+    `bn_recalibrate`: what meta-test, export and predict then use."""
+    runtime = resolve_runtime(cfg)
+    for name in (MODEL_FILE, LAST_FILE):
+        f = read_model_file(run_dir / name)
+        runtime.model(f.module)
+        assert isinstance(f.module, MetaLearner)
+        with runtime.autocast():  # the precision meta-training ran in
+            precise_bn(f.module.backbone, recalibration_batches(cfg, train, f.pre, runtime))
+        save_weights(
+            run_dir / name, f.module.state_dict(), {**f.info, **model_metadata(cfg, f.pre, cfg.meta, {})}
+        )
+    progress.note(
+        f"re-estimated the BN statistics of {MODEL_FILE} and {LAST_FILE} on {cfg.meta.bn_recalibrate} "
+        "batches of train-split images"
+    )
+
+
+def recalibrate_run(
+    source: Path, out: Path, batches: int, *, data_root: str | None = None, overwrite: bool = False
+) -> Path:
+    """A copy of the finished meta-train run `source` in `out` with its BN statistics re-estimated on
+    `batches` batches: what `meta_train` with `meta.bn_recalibrate: batches` writes, without meta-training
+    again (the pass comes after it and changes nothing before). `mtl compare out source` then pairs the
+    two on the same episodes. Returns out's model file."""
+    if not (source / DONE_FILE).exists() or not (source / MODEL_FILE).exists():
+        raise UserError(f"{source} holds no finished meta-train run; pass the folder mtl meta-train wrote")
+    if batches < 1:
+        raise UserError(f"--batches must be at least 1, got {batches}")
+    cfg = load_config(source / CONFIG_FILE, [f"meta.bn_recalibrate={batches}"])
+    cfg = with_data_root(cfg, data_root) if data_root else cfg
+    train = open_split(cfg.data, "train")
+    with RunDir.open(out, cfg, "meta", overwrite=overwrite) as run:
+        for name in (MODEL_FILE, LAST_FILE, METRICS_FILE, FAILURES_FILE):
+            if (source / name).exists():
+                atomic_write_bytes(out / name, (source / name).read_bytes())
+        recalibrate_bn(out, cfg, train)
+        summary = {**read_json(source / SUMMARY_FILE), "recalibrated_from": str(source)}
+        write_json(out / SUMMARY_FILE, summary)
+        run.finish(summary)
     return out / MODEL_FILE
 
 
