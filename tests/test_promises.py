@@ -107,5 +107,7 @@ def test_a_way_larger_than_the_class_count_is_exit_2(
 def test_a_missing_split_is_exit_2(config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     shutil.rmtree(tmp_path / "data" / "test")
     out = tmp_path / "run"
-    _one_line_exit_2(["run", "--config", str(config), "--out", str(out)], capsys, "split 'test' is not present")
+    _one_line_exit_2(
+        ["run", "--config", str(config), "--out", str(out)], capsys, "split 'test' is not present"
+    )
     assert not out.exists()
