@@ -481,3 +481,17 @@ def test_metrics_without_resume_start_over(tmp_path: Path) -> None:
     assert log.rows == []
     log.append({"step": 9})
     assert path.read_text() == "step\n9\n"
+
+
+def test_a_folder_left_by_a_process_killed_while_marking_it_is_reused(tmp_path: Path) -> None:
+    """SIGKILL during `claim_folder` leaves the marker's temporary file and no marker (found by the
+    start-up kill of tests/test_resume.py); the next run must take the folder, not refuse it as foreign."""
+    from metatransfer.runs import MARKER_FILE, check_output, claim_folder
+
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = out / f".{MARKER_FILE}.0123456789ab.tmp"
+    stale.write_text('{"format": "metatransfer-out')
+    assert check_output(out) == out
+    claim_folder(out)
+    assert (out / MARKER_FILE).exists() and not stale.exists()

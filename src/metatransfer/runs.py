@@ -223,8 +223,15 @@ def claim_folder(path: str | Path, *, data_root: str | Path | None = None) -> Pa
     if _marker(path) is None:
         with _marker_lock(path):
             if _marker(path) is None:  # another process may have marked it while we waited
+                for stale in path.glob(f".{MARKER_FILE}.*.tmp"):  # a process killed while marking it
+                    stale.unlink(missing_ok=True)
                 _write_marker(path, _legacy_files(path))
     return path
+
+
+def _marker_temp(name: str) -> bool:
+    """Whether `name` is the temporary file of a marker being written (left by a process killed then)."""
+    return name.startswith(f".{MARKER_FILE}.") and name.endswith(".tmp")
 
 
 def check_output(path: str | Path, *, data_root: str | Path | None = None) -> Path:
@@ -239,7 +246,11 @@ def check_output(path: str | Path, *, data_root: str | Path | None = None) -> Pa
             return path
         if not path.is_dir():
             raise UserError(f"output folder {path} exists and is not a folder; choose another --out")
-        entries = sorted(p.name for p in path.iterdir() if p.name not in (MARKER_FILE, *LOCK_FILES))
+        entries = sorted(
+            p.name
+            for p in path.iterdir()
+            if p.name not in (MARKER_FILE, *LOCK_FILES) and not _marker_temp(p.name)
+        )
         if entries and not _owned(path):
             raise UserError(
                 f"{path} holds files metatransfer did not write (e.g. {entries[0]}); "
