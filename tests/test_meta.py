@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from pathlib import Path
 
@@ -287,8 +288,42 @@ def test_compare_sets_every_run_against_the_last_and_overlays_their_curves(
     assert "at least two runs" in capsys.readouterr().err
 
 
-def test_ablate_runs_every_method_on_identical_episodes(pretrained: tuple[Path, Path]) -> None:
+def _record_test_episodes(monkeypatch: pytest.MonkeyPatch) -> dict[tuple[str, int], list[str]]:
+    """{(ablation row's method, shot): a digest of each test episode it evaluated, in order}. Every
+    method draws its episodes from an EpisodeSampler, so this sees them whatever evaluates them (feature
+    methods, fine-tuning, meta-test of a trained run); train and val episodes are left out."""
+    from metatransfer.train import baselines
+
+    seen: dict[tuple[str, int], list[str]] = {}
+    row: list[tuple[str, int]] = [("ncm (the paired reference)", 0)]
+    real_row, real_episode = baselines.Row, EpisodeSampler.episode
+
+    class TrackedRow(real_row):  # type: ignore[valid-type,misc]
+        def __init__(self, method: str, shot: int) -> None:
+            row[0] = (method, shot)
+            super().__init__(method, shot)
+
+    def episode(self: EpisodeSampler, i: int) -> object:
+        e = real_episode(self, i)
+        names = self.class_names or []
+        if names and all(n.startswith("test-") for n in names):
+            h = hashlib.sha256(f"{i};{self.way};{self.shot};{self.query};".encode())
+            h.update(",".join(names[c] for c in e.classes).encode())
+            for a in (e.support, e.query):
+                h.update(np.ascontiguousarray(a, dtype=np.int64).tobytes())
+            seen.setdefault(row[0], []).append(h.hexdigest())
+        return e
+
+    monkeypatch.setattr(baselines, "Row", TrackedRow)
+    monkeypatch.setattr(EpisodeSampler, "episode", episode)
+    return seen
+
+
+def test_ablate_runs_every_method_on_identical_episodes(
+    pretrained: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     config, tmp = pretrained
+    evaluated = _record_test_episodes(monkeypatch)
     out = tmp / "ablation"
     args = ["ablate", "--config", str(config), "--pretrained", str(tmp / "pre"), "--out", str(out)]
     original = write_config(
@@ -340,12 +375,36 @@ def test_ablate_runs_every_method_on_identical_episodes(pretrained: tuple[Path, 
     # The extra row trained with the other config's phase-2 section.
     saved = load_config(out / "mtl-original-code-1shot" / "config.yaml")
     assert (saved.meta.ss_granularity, saved.meta.bn, saved.meta.meta_batch) == ("kernel", "batch", 1)
-    # The same episodes for every meta-learned method: the per-episode files name the same episodes.
-    ids = {
-        m: (out / f"{m}-1shot" / "episodes-test-3way-1shot.csv").read_text().count("\n")
-        for m in ("mtl", "ft-last")
-    }
-    assert ids["mtl"] == ids["ft-last"] == 13
+    # The same episodes for every method: the very classes and images of each, not just as many.
+    assert set(evaluated) == {("ncm (the paired reference)", 0), *((m, 1) for m in methods)}
+    reference = evaluated[("ncm (the paired reference)", 0)]
+    assert len(reference) == 12 and len(set(reference)) == 12
+    for key, digests in evaluated.items():
+        assert digests == reference, key
+
+
+def test_ablate_writes_its_tables_only_under_the_folders_lock(
+    pretrained: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from metatransfer import runs
+
+    config, tmp = pretrained
+    out = tmp / "ablation-locked"
+    args = ["ablate", "--config", str(config), "--pretrained", str(tmp / "pre"), "--out", str(out)]
+    args += ["--methods", "ncm", "--shots", "1", "--episodes", "4"]
+    out.mkdir()
+    trainer = runs._acquire_lock(out, f"{runs.TRAINING} (meta)")  # as a process training that folder holds it
+    try:
+        assert main(args) == 2
+    finally:
+        trainer.close()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is being trained by" in err[0], err
+    assert not any(p.name.startswith("ablation") for p in out.iterdir())
+    assert main(args) == 0  # the lock free: written, and listed in the folder's marker
+    marker = runs._marker(out)
+    assert marker is not None
+    assert {"ablation.csv", "ablation.md", "ablation-episodes.csv"} <= set(marker["files"])
 
 
 def test_ablate_stops_at_a_failed_row_unless_keep_going(

@@ -33,7 +33,7 @@ from metatransfer.models.base_learner import InnerLoop
 from metatransfer.models.meta_learner import MetaLearner, inner_loop
 from metatransfer.models.model_files import BACKBONE_FILE, MODEL_FILE, load_backbone, load_meta_model
 from metatransfer.progress import track
-from metatransfer.runs import atomic_write_text, read_json
+from metatransfer.runs import atomic_write_text, claim_folder, folder_lock, read_json
 from metatransfer.train.evaluate import (
     confidence_interval,
     episode_labels,
@@ -364,7 +364,9 @@ def ablate(
                 row.seconds = time.perf_counter() - t0
             rows.append(row)
             print(_describe(row))
-            write_tables(out, rows, shots)
+            # The top folder is ours too: marked (so its files are listed) and written only under its lock.
+            with folder_lock(claim_folder(out, data_root=cfg.data.root), "ablate"):
+                write_tables(out, rows, shots)
             if row.error and not keep_going:
                 raise TrainingError(
                     f"ablation row {method} {shot}-shot failed: {row.error}; pass --keep-going to go on past failed rows"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from metatransfer.config import Config
 from metatransfer.errors import UserError
-from metatransfer.runs import atomic_write_bytes, atomic_write_text
+from metatransfer.runs import atomic_write_bytes, atomic_write_text, claim_folder, folder_lock
 from metatransfer.train.evaluate import format_delta, paired_difference
 from metatransfer.train.loop import reuse_finished
 from metatransfer.train.meta import meta_train
@@ -69,10 +69,7 @@ def compare_ht(
         ]
         results[variant] = meta_test(run_dir, settings, vcfg)
     lines = ["variant,tasks,val_acc"] + [f"{v},{t},{a:.6f}" for v in VARIANTS for t, a in curves[v]]
-    atomic_write_text(out / "curve.csv", "\n".join(lines) + "\n")
-    atomic_write_bytes(
-        out / "curve.png", plot_curves(curves, f"{cfg.name}: {cfg.meta.way}-way {cfg.meta.shot}-shot")
-    )
+    png = plot_curves(curves, f"{cfg.name}: {cfg.meta.way}-way {cfg.meta.shot}-shot")
     table = [
         "| variant | tasks (ordinary + hard) | accuracy (%) | 95% CI | setting |",
         "|---|---|---|---|---|",
@@ -84,7 +81,11 @@ def compare_ht(
     for with_ht, without in zip(results["ht"], results["no-ht"], strict=True):
         delta = format_delta(*paired_difference(with_ht.accuracies, without.accuracies))
         table.append(f"| HT − no HT (paired 95% CI) | | {delta} | | {_setting(with_ht)} |")
-    atomic_write_text(out / "comparison.md", "\n".join(table) + "\n")
+    # The top folder is ours too: marked (so its files are listed) and written only under its lock.
+    with folder_lock(claim_folder(out, data_root=cfg.data.root), "compare-ht"):
+        atomic_write_text(out / "curve.csv", "\n".join(lines) + "\n")
+        atomic_write_bytes(out / "curve.png", png)
+        atomic_write_text(out / "comparison.md", "\n".join(table) + "\n")
     print("\n".join(table))
     return results
 

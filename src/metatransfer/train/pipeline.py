@@ -13,7 +13,7 @@ from metatransfer import distributed as dist
 from metatransfer.config import Config
 from metatransfer.data.sampler import EpisodeSampler
 from metatransfer.report import write_report
-from metatransfer.runs import atomic_write_text, write_json
+from metatransfer.runs import atomic_write_text, claim_folder, folder_lock, write_json
 from metatransfer.train.baselines import phase_one_features
 from metatransfer.train.evaluate import evaluate_features, format_delta, paired_difference
 from metatransfer.train.loop import reuse_finished
@@ -44,23 +44,26 @@ def run_all(cfg: Config, out: Path, *, overwrite: bool = False) -> list[TestResu
         deltas = [paired_difference(r.accuracies, n) for r, n in zip(results, ncm, strict=True)]
         table = summary_table(results, ncm, deltas, time.perf_counter() - t0)
         print(table)
-        atomic_write_text(out / "summary.md", table + "\n")
-        write_json(
-            out / "summary.json",
-            [
-                {
-                    **dataclasses.asdict(r.setting),
-                    "accuracy": r.accuracy,
-                    "ci95": r.ci95,
-                    "selection_seed": r.selection_seed,
-                    "ncm_accuracy": float(n.mean()),
-                    "delta_vs_ncm": delta,
-                    "delta_vs_ncm_ci95": ci,
-                }
-                for r, n, (delta, ci) in zip(results, ncm, deltas, strict=True)
-            ],
-        )
-        print(f"report: {write_report(out)}")
+        # The top folder is ours too: marked (so its files are listed) and written only under its lock.
+        with folder_lock(claim_folder(out, data_root=cfg.data.root), "run"):
+            atomic_write_text(out / "summary.md", table + "\n")
+            write_json(
+                out / "summary.json",
+                [
+                    {
+                        **dataclasses.asdict(r.setting),
+                        "accuracy": r.accuracy,
+                        "ci95": r.ci95,
+                        "selection_seed": r.selection_seed,
+                        "ncm_accuracy": float(n.mean()),
+                        "delta_vs_ncm": delta,
+                        "delta_vs_ncm_ci95": ci,
+                    }
+                    for r, n, (delta, ci) in zip(results, ncm, deltas, strict=True)
+                ],
+            )
+            report = write_report(out)
+        print(f"report: {report}")
     return results
 
 
