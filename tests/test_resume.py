@@ -1,12 +1,16 @@
-"""Kill a run with SIGKILL at random moments, resume it, and get the uninterrupted run's exact weights."""
+"""Kill a run with SIGKILL at start-up, before its first checkpoint and at random moments after one; resume
+it (by itself, and with --resume) and get the uninterrupted run's exact files and metrics."""
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +18,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from metatransfer.runs import CONFIG_FILE as CONFIG
+from metatransfer.runs import load_state
+
 from tiny import write_config, write_pattern_folder
+
+TIMING = ("images_per_s", "epoch_s", "val_s", "tasks_per_s")  # measured, so never equal run to run
 
 
 def _env() -> dict[str, str]:
@@ -34,18 +43,14 @@ def _run(cmd: list[str]) -> float:
     return time.perf_counter() - t0
 
 
-def _kill_after_checkpoint(cmd: list[str], out: Path, seconds: float) -> bool:
-    """Start `cmd`, wait until its run directory has a new checkpoint, then SIGKILL it `seconds` later.
+def _kill_when(cmd: list[str], ready: Callable[[], bool], seconds: float) -> bool:
+    """Start `cmd`, wait until `ready()` (polled every 10 ms), then SIGKILL it `seconds` later.
 
     True if it was killed before it finished."""
-    state = out / "state.pt"
-    before = state.stat().st_mtime_ns if state.exists() else 0
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while proc.poll() is None and time.monotonic() < deadline:
-        if state.exists() and state.stat().st_mtime_ns != before:
-            break
-        time.sleep(0.02)
+    while proc.poll() is None and time.monotonic() < deadline and not ready():
+        time.sleep(0.01)
     try:
         proc.wait(timeout=seconds)
         return False
@@ -55,11 +60,37 @@ def _kill_after_checkpoint(cmd: list[str], out: Path, seconds: float) -> bool:
         return True
 
 
-def _same_weights(a: Path, b: Path) -> None:
-    ta, tb = load_file(a), load_file(b)
-    assert ta.keys() == tb.keys()
-    for key in ta:
-        assert torch.equal(ta[key], tb[key]), key
+def _written(path: Path) -> Callable[[], bool]:
+    """Whether `path` has been (re)written since now: by the process about to start, not an earlier one."""
+    before = path.stat().st_mtime_ns if path.exists() else 0
+    return lambda: path.exists() and path.stat().st_mtime_ns != before
+
+
+def _metrics(run: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with (run / "metrics.csv").open(newline="") as f:
+        reader = csv.DictReader(f)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def _same_results(reference: Path, resumed: Path) -> None:
+    """Every tensor of every model file, every metrics value but the timings, and the summary."""
+    files = sorted(p.name for p in reference.glob("*.safetensors"))
+    assert files and files == sorted(p.name for p in resumed.glob("*.safetensors"))
+    for name in files:
+        ta, tb = load_file(reference / name), load_file(resumed / name)
+        assert ta.keys() == tb.keys(), name
+        for key in ta:
+            assert torch.equal(ta[key], tb[key]), f"{name}: {key}"
+    (columns, expected), (got_columns, got) = _metrics(reference), _metrics(resumed)
+    assert columns == got_columns and len(expected) == len(got)
+    for row, (want, have) in enumerate(zip(expected, got, strict=True)):
+        for column in set(columns) - set(TIMING):
+            assert want[column] == have[column], f"metrics row {row}, {column}"
+    summaries = [json.loads((run / "summary.json").read_text()) for run in (reference, resumed)]
+    for summary in summaries:
+        for key in ("seconds", "backbone"):  # a duration and the run's own path
+            summary.pop(key, None)
+    assert summaries[0] == summaries[1]
 
 
 @pytest.fixture(scope="module")
@@ -76,13 +107,15 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return tmp, config
 
 
-@pytest.mark.parametrize(
-    ("phase", "weights", "kills"),
-    [("pretrain", "backbone.safetensors", 3), ("meta-train", "last.safetensors", 3)],
-)
+@pytest.mark.slow
+@pytest.mark.parametrize(("phase", "training_started"), [("pretrain", CONFIG), ("meta-train", "metrics.csv")])
 def test_kill_and_resume_is_bit_identical(
-    setup: tuple[Path, Path], phase: str, weights: str, kills: int
+    setup: tuple[Path, Path], phase: str, training_started: str
 ) -> None:
+    """Kills land during start-up (the run folder just created), before the first checkpoint (training
+    under way: pre-training's config written, meta-training's start validated and logged), and at random
+    moments after checkpoints; the same command restarts or resumes by itself, and the last one resumes
+    with --resume. It ends with the uninterrupted run's files and metrics."""
     tmp, config = setup
     pretrained = None
     if phase == "meta-train":
@@ -92,22 +125,22 @@ def test_kill_and_resume_is_bit_identical(
     reference = tmp / f"{phase}-reference"
     _run(_command(config, reference, phase, pretrained))
     resumed = tmp / f"{phase}-killed"
+    cmd = _command(config, resumed, phase, pretrained)
+    for moment in ("start-up", "training"):
+        # `_written` is taken now, after the previous kill, so a file that kill left does not count.
+        ready = resumed.exists if moment == "start-up" else _written(resumed / training_started)
+        assert _kill_when(cmd, ready, 0.0), f"the run finished before the {moment} kill"
+        assert not (resumed / "state.pt").exists(), f"the {moment} kill landed after the first checkpoint"
     rng = np.random.default_rng(12345)
     killed = 0
-    for _ in range(kills):
+    for _ in range(3):
         # Random moments after a checkpoint: mid-step, mid-validation or mid-write of the next one.
-        if _kill_after_checkpoint(
-            _command(config, resumed, phase, pretrained), resumed, float(rng.uniform(0.0, 0.4))
-        ):
-            killed += 1
-        if (resumed / "DONE").exists():
-            break
-    assert killed >= 1, "no run was interrupted; the kill points were all too late"
-    if not (resumed / "DONE").exists():
-        _run(
-            _command(config, resumed, phase, pretrained)
-        )  # resumes automatically: same config, state present
-    _same_weights(reference / weights, resumed / weights)
-    ref_rows = (reference / "metrics.csv").read_text().splitlines()
-    res_rows = (resumed / "metrics.csv").read_text().splitlines()
-    assert len(ref_rows) == len(res_rows)
+        killed += _kill_when(cmd, _written(resumed / "state.pt"), float(rng.uniform(0.0, 0.4)))
+    assert killed >= 1, "no run was interrupted after a checkpoint; the kill points were all too late"
+    assert (resumed / "state.pt").exists() and not (resumed / "DONE").exists()
+    # --resume continues from the checkpoint: the rows up to it stay as they were, timings included.
+    kept_until = int(load_state(resumed / "state.pt")["step"])
+    kept = [r for r in _metrics(resumed)[1] if int(r["step"]) <= kept_until]
+    _run([*cmd, "--resume"])
+    assert _metrics(resumed)[1][: len(kept)] == kept
+    _same_results(reference, resumed)
