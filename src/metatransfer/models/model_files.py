@@ -184,7 +184,9 @@ def _rebuild(path: Path, kind: Kind, tensors: dict[str, torch.Tensor], info: dic
     return ModelFile(path, kind, module.eval(), pre, meta, info)
 
 
-def _from_storage(path: Path, tensors: dict[str, torch.Tensor], info: dict[str, str]) -> dict[str, torch.Tensor]:
+def _from_storage(
+    path: Path, tensors: dict[str, torch.Tensor], info: dict[str, str]
+) -> dict[str, torch.Tensor]:
     """An export stored in fp16 (metadata `storage`, see `export_metadata`) -> its fp32 tensors; the
     model always computes in fp32 (or its runtime's autocast), only the file is halved."""
     storage = info.get("storage", "fp32")
